@@ -1,0 +1,128 @@
+"""LDA-AQU as an nn.Module with the official parameter names, shapes and initialisation."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import BACKENDS, deformable_local_attention
+
+
+class LayerNormProxy(nn.Module):
+    """LayerNorm over the channels of a [B, C, H, W] map (official name: keys end in .norm.*)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class LDAAQU(nn.Module):
+    """Learned upsampler: each output pixel attends, with its bilinearly upsampled query, to k_u x k_u
+    keys/values sampled around it at learned offsets. [B, C, H, W] -> [B, C, int(H*s), int(W*s)].
+
+    Loads the official LDA_AQU state dict unchanged (strict=True).
+    """
+
+    def __init__(self, in_channels: int, scale_factor: float = 2, reduction_factor: int = 4, k_e: int = 3,
+                 k_u: int = 3, n_groups: int = 2, range_factor: float = 11, num_heads: int = 1, rpb: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        C = _positive_int("in_channels", in_channels)
+        r = _positive_int("reduction_factor", reduction_factor)
+        G = _positive_int("n_groups", n_groups)
+        nh = _positive_int("num_heads", num_heads)
+        for name, val in (("k_u", k_u), ("k_e", k_e)):
+            if _positive_int(name, val) % 2 == 0:
+                raise ValueError(f"{name} must be odd (a centred window), got {val}")
+        if isinstance(scale_factor, bool) or not isinstance(scale_factor, numbers.Real) \
+                or not math.isfinite(scale_factor) or scale_factor <= 0:
+            raise ValueError(f"scale_factor must be a positive finite number, got {scale_factor!r}")
+        if isinstance(range_factor, bool) or not isinstance(range_factor, numbers.Real) \
+                or not math.isfinite(range_factor):
+            raise ValueError(f"range_factor must be a finite number, got {range_factor!r}")
+        if not isinstance(rpb, bool):
+            raise ValueError(f"rpb must be a bool, got {rpb!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if C % r:
+            raise ValueError(f"reduction_factor={r} must divide in_channels={C}")
+        D = C // r
+        for name, n in (("n_groups", G), ("num_heads", nh)):
+            if D % n or C % n:
+                raise ValueError(f"{name}={n} must divide in_channels={C} and the hidden width "
+                                 f"in_channels // reduction_factor = {D}")
+
+        self.in_channels, self.scale_factor, self.k_u, self.k_e = C, scale_factor, k_u, k_e
+        self.n_groups, self.num_heads, self.range_factor = G, nh, range_factor
+        self.hidden_dim, self.rpb, self.backend = D, rpb, backend
+        self.scale = (D // nh) ** -0.5
+        self.layer_norm = LayerNormProxy(C)
+        self.proj_q = nn.Conv2d(C, D, 1, bias=False)
+        self.proj_k = nn.Conv2d(C, D, 1, bias=False)
+        self.conv_offset = nn.Sequential(
+            nn.Conv2d(D // G, D // G, 3, 1, 1, groups=D // G, bias=False),
+            LayerNormProxy(D // G),
+            nn.GELU(),
+            nn.Conv2d(D // G, 2 * k_u * k_u, k_e, 1, k_e // 2),
+        )
+        # neighbour n = i*k_u + j sits at (i - k_u//2, j - k_u//2): channels (2n, 2n+1) = (y, x)
+        base = torch.arange(k_u, dtype=torch.float32) - k_u // 2
+        grid = torch.stack(torch.meshgrid(base, base, indexing="ij"), -1)
+        self.register_buffer("base_offset", grid.reshape(1, -1, 1, 1), persistent=False)
+        if rpb:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(1, nh, 1, k_u * k_u, D // nh))
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)  # timm's, at +-2
+        self.init_weights()
+
+    def init_weights(self):
+        """Official initialisation: xavier-uniform convs with zero bias, unit layer norms, and a zero last
+        offset conv, so training starts from the plain neighbourhood grid."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.conv_offset[-1].weight)
+        nn.init.zeros_(self.conv_offset[-1].bias)
+
+    def output_size(self, H: int, W: int) -> tuple[int, int]:
+        return int(H * self.scale_factor), int(W * self.scale_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        Ho, Wo = self.output_size(H, W)
+        if min(B, H, W, Ho, Wo) < 1:
+            raise ValueError(f"x of shape {tuple(x.shape)} at scale_factor={self.scale_factor} gives an empty "
+                             f"output {(B, C, Ho, Wo)}")
+        G, D = self.n_groups, self.hidden_dim
+        xn = self.layer_norm(x)
+        q = F.interpolate(self.proj_q(xn), (Ho, Wo), mode="bilinear", align_corners=True)
+        k = self.proj_k(xn)
+        offset = self.conv_offset(q.reshape(B * G, D // G, Ho, Wo)).tanh() * self.range_factor
+        offset = (offset + self.base_offset.to(offset.dtype)).reshape(B, -1, Ho, Wo)
+        rpb = self.relative_position_bias_table.reshape(self.num_heads, self.k_u ** 2, -1) if self.rpb else None
+        return deformable_local_attention(q, k, x, offset, rpb, num_heads=self.num_heads, num_groups=G,
+                                          scale=self.scale, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, scale_factor={self.scale_factor}, k_u={self.k_u}, "
+                f"n_groups={self.n_groups}, num_heads={self.num_heads}, rpb={self.rpb}, backend={self.backend!r}")
