@@ -344,14 +344,15 @@ def dla_bwd_kernel(
 @triton.jit
 def dla_bwd_kv_gather_kernel(
     row_ptr, src_p, src_n, src_w, q, dout, attn, ds, dk, dv,
-    s_qb, s_qc, s_qp, s_dob, s_doc, s_dop,
+    s_qb, s_qc, s_dob, s_doc,
     HW, P,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Deterministic dk/dv: one program per (batch, group, input pixel) sums, in a fixed order, every
-    (output pixel, neighbour, corner) that sampled it: row_ptr [B*G*HW + 1] indexes src_* sorted by
-    target. dk [B, D, HW], dv [B, C, HW]; q, dout as [B, ch, P] with pixel stride s_*p."""
+    """Deterministic dk/dv: one program per (batch, group, input pixel) sums every (output pixel,
+    neighbour, corner) that sampled it, BLOCK_E at a time in a fixed order. row_ptr [B*G*HW + 1]
+    indexes src_* sorted by target. dk [B, D, HW], dv [B, C, HW]; q [B, D, P] and dout [B, C, P]
+    with pixel stride 1."""
     DG: tl.constexpr = D // G
     DH: tl.constexpr = D // NH
     CG: tl.constexpr = C // G
@@ -364,25 +365,37 @@ def dla_bwd_kv_gather_kernel(
     e_hi = tl.load(row_ptr + i_r + 1)
     attn += i_b * NH * K * P
     ds += i_b * NH * K * P
+    q += i_b * s_qb
+    dout += i_b * s_dob
     for c0 in range(0, CG, BLOCK_C):
         o_c = i_g * CG + c0 + tl.arange(0, BLOCK_C)
         m_c = o_c < (i_g + 1) * CG
-        o_hk = (o_c // CH) * K
         b_dv = tl.zeros([BLOCK_C], dtype=ACC)
-        for e in range(e_lo, e_hi):
-            p = tl.load(src_p + e).to(tl.int64)
-            b_a = tl.load(attn + (o_hk + tl.load(src_n + e)) * P + p, mask=m_c, other=0.)
-            b_do = tl.load(dout + i_b * s_dob + o_c * s_doc + p * s_dop, mask=m_c, other=0.).to(ACC)
-            b_dv += tl.load(src_w + e) * b_a * b_do
+        for e0 in range(e_lo, e_hi, BLOCK_E):
+            o_e = e0 + tl.arange(0, BLOCK_E)
+            m_e = o_e < e_hi
+            # [BLOCK_E]
+            b_p = tl.load(src_p + o_e, mask=m_e, other=0).to(tl.int64)
+            b_n = tl.load(src_n + o_e, mask=m_e, other=0)
+            b_w = tl.load(src_w + o_e, mask=m_e, other=0.)
+            m = m_e[:, None] & m_c[None, :]
+            # [BLOCK_E, BLOCK_C]
+            b_a = tl.load(attn + ((o_c // CH) * K)[None, :] * P + (b_n * P + b_p)[:, None], mask=m, other=0.)
+            b_do = tl.load(dout + o_c[None, :] * s_doc + b_p[:, None], mask=m, other=0.).to(ACC)
+            b_dv += tl.sum(b_w[:, None] * b_a * b_do, axis=0)
         tl.store(dv + (i_b * C + o_c) * HW + i_t, b_dv, mask=m_c)
     for d0 in range(0, DG, BLOCK_D):
         o_d = i_g * DG + d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < (i_g + 1) * DG
-        o_hk = (o_d // DH) * K
         b_dk = tl.zeros([BLOCK_D], dtype=ACC)
-        for e in range(e_lo, e_hi):
-            p = tl.load(src_p + e).to(tl.int64)
-            b_ds = tl.load(ds + (o_hk + tl.load(src_n + e)) * P + p, mask=m_d, other=0.)
-            b_q = tl.load(q + i_b * s_qb + o_d * s_qc + p * s_qp, mask=m_d, other=0.).to(ACC)
-            b_dk += tl.load(src_w + e) * b_ds * b_q
+        for e0 in range(e_lo, e_hi, BLOCK_E):
+            o_e = e0 + tl.arange(0, BLOCK_E)
+            m_e = o_e < e_hi
+            b_p = tl.load(src_p + o_e, mask=m_e, other=0).to(tl.int64)
+            b_n = tl.load(src_n + o_e, mask=m_e, other=0)
+            b_w = tl.load(src_w + o_e, mask=m_e, other=0.)
+            m = m_e[:, None] & m_d[None, :]
+            b_ds = tl.load(ds + ((o_d // DH) * K)[None, :] * P + (b_n * P + b_p)[:, None], mask=m, other=0.)
+            b_q = tl.load(q + o_d[None, :] * s_qc + b_p[:, None], mask=m, other=0.).to(ACC)
+            b_dk += tl.sum(b_w[:, None] * b_ds * b_q, axis=0)
         tl.store(dk + (i_b * D + o_d) * HW + i_t, b_dk, mask=m_d)

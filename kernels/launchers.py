@@ -202,9 +202,9 @@ def _kv_grad_deterministic(pb: Problem, cfg: Config, q, dout, offset, attn, ds, 
     dv = torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=acc_t, device=dev)
     dla_bwd_kv_gather_kernel[(pb.B * pb.G * HW,)](
         row_ptr, src_p, src_n, src_w, q, dout, attn, ds, dk, dv,
-        q.stride(0), q.stride(1), 1, dout.stride(0), dout.stride(1), 1,
+        q.stride(0), q.stride(1), dout.stride(0), dout.stride(1),
         HW, P,
-        D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K,
+        D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K, BLOCK_E=64 if INTERPRET else 32,
         BLOCK_D=min(cfg.block_d * 2, triton.next_power_of_2(pb.D // pb.G)),
         BLOCK_C=min(cfg.block_c * 2, triton.next_power_of_2(pb.C // pb.G)), ACC=acc_tl,
     )
