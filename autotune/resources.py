@@ -1,0 +1,90 @@
+"""Compile a kernel configuration for a real GPU without one: Triton builds the PTX on the CPU and
+ptxas (shipped with Triton) reports registers and spills. The interpreter accepts code that the
+GPU compiler rejects, and a configuration that spills is never worth timing."""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels.deformable_local_attention import dla_bwd_kernel, dla_bwd_kv_gather_kernel, dla_fwd_kernel
+from kernels.launchers import Config, Problem
+
+_TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "fp64": tl.float64}
+# pointer arguments that are not feature maps
+_INDEX_PTRS = {"row_ptr": "*i64", "src_p": "*i32", "src_n": "*i32"}
+# accumulation-dtype buffers
+_ACC_PTRS = {"attn", "doff", "drpb", "ds", "dk", "dv", "src_w"}
+
+
+class Report(NamedTuple):
+    registers: int
+    spill_bytes: int  # spill stores + stack frame: local memory the kernel touches
+    shared: int
+
+
+def _signature(kernel, constexprs: dict, dtype: str) -> dict:
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name.startswith("s_") or name in ("H", "W", "Ho", "Wo", "HW", "P"):
+            sig[name] = "i32"
+        elif name in _INDEX_PTRS:
+            sig[name] = _INDEX_PTRS[name]
+        else:
+            sig[name] = "*" + (acc if name in _ACC_PTRS else dtype)
+    return sig
+
+
+def constexprs(kind: str, pb: Problem, cfg: Config, dtype: str, int64: bool = False) -> dict:
+    """The constexpr arguments the launchers pass for this problem and configuration."""
+    acc = tl.float64 if dtype == "fp64" else tl.float32
+    shape = dict(D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K)
+    if kind == "gather":
+        return dict(shape, BLOCK_E=32, BLOCK_D=min(cfg.block_d * 2, triton.next_power_of_2(pb.D // pb.G)),
+                    BLOCK_C=min(cfg.block_c * 2, triton.next_power_of_2(pb.C // pb.G)), ACC=acc)
+    c = dict(shape, NH_PAD=triton.next_power_of_2(pb.NH), K_PAD=triton.next_power_of_2(pb.K),
+             BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d, BLOCK_C=cfg.block_c, HAS_RPB=True, INT64=int64, ACC=acc)
+    c.update(STORE_ATTN=True) if kind == "fwd" else c.update(ATOMIC=True)
+    return c
+
+
+KERNELS = {"fwd": dla_fwd_kernel, "bwd": dla_bwd_kernel, "gather": dla_bwd_kv_gather_kernel}
+
+
+@functools.lru_cache(maxsize=None)
+def compile_report(kind: str, pb: Problem, cfg: Config, dtype: str = "fp32", cc: int = 90,
+                   int64: bool = False) -> Report:
+    """Compile one kernel for sm_<cc> and read ptxas's resource report. Raises on a compile error."""
+    kernel = KERNELS[kind]
+    consts = constexprs(kind, pb, cfg, dtype, int64)
+    src = ASTSource(fn=kernel, signature=_signature(kernel, consts, dtype), constexprs=consts)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+
+    def num(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+    spill = num(r"(\d+) bytes stack frame") + num(r"(\d+) bytes spill stores")
+    return Report(num(r"Used (\d+) registers"), spill, compiled.metadata.shared)

@@ -1,0 +1,41 @@
+"""Random problems for the core op, and the error measure the tests use."""
+import os
+
+import torch
+
+
+def fresh_seed() -> int:
+    """A new seed each run (fresh inputs), reported in assertion messages so a failure replays."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def make_problem(B, D, C, H, W, scale, G, nh, k_u, spread=3.0, rpb=True, dtype=torch.float64, seed=0,
+                 integer=False):
+    """q, k, v, offset (base grid + N(0, spread) in output pixels; integers when `integer`), rpb."""
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = int(H * scale), int(W * scale)
+    K = k_u * k_u
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    base = torch.arange(k_u, dtype=torch.float64) - k_u // 2
+    grid = torch.stack(torch.meshgrid(base, base, indexing="ij"), -1).reshape(1, 1, 2 * K, 1, 1)
+    noise = randn(B, G, 2 * K, Ho, Wo) * spread
+    offset = (grid + (noise.round() if integer else noise)).reshape(B, G * 2 * K, Ho, Wo)
+    t = dict(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W), v=randn(B, C, H, W), offset=offset,
+             rpb=randn(nh, K, D // nh) * 0.5 if rpb else None)
+    t = {n: (x.to(dtype) if x is not None else None) for n, x in t.items()}
+    return t, dict(num_heads=nh, num_groups=G)
+
+
+def upcast(t: dict) -> dict:
+    return {n: (x.detach().double() if x is not None else None) for n, x in t.items()}
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref||, with NaN anywhere counting as failure; absolute when ref is zero."""
+    a, ref = a.double(), ref.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = ref.norm().item()
+    return (a - ref).norm().item() / (denom if denom > 0 else 1.0)
