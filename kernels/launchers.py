@@ -67,11 +67,12 @@ def default_config(pb: Problem, backward: bool = False) -> Config:
     up to 9 and nh up to 4): the [BLOCK_P, NH_PAD, K_PAD] state tiles bound the pixel tile, and the
     backward, with more live tiles, takes 8 warps."""
     state = triton.next_power_of_2(pb.NH) * triton.next_power_of_2(pb.K)
-    block_d = min(32, triton.next_power_of_2(pb.widest_segment(pb.D)))
-    block_c = min(32 if backward else 64, triton.next_power_of_2(pb.widest_segment(pb.C)))
+    seg_d = triton.next_power_of_2(pb.widest_segment(pb.D))
+    seg_c = triton.next_power_of_2(pb.widest_segment(pb.C))
+    block_d, block_c = min(32, seg_d), min(32 if backward else 64, seg_c)
     block_p = 32 if backward or state <= 16 else 16
     if INTERPRET:  # fewer, larger programs: the interpreter pays per program, not per lane
-        block_p, block_d, block_c = 128, triton.next_power_of_2(pb.D), triton.next_power_of_2(pb.C)
+        block_p, block_d, block_c = 128, seg_d, seg_c
     return Config(block_p=block_p, block_d=block_d, block_c=block_c, num_warps=8 if backward else 4, num_stages=1)
 
 
