@@ -62,18 +62,19 @@ class Config:
                 and self.block_c <= triton.next_power_of_2(pb.widest_segment(pb.C)))
 
 
-def default_config(pb: Problem, backward: bool = False) -> Config:
-    """Used when the tuning cache has no entry. Picked from ptxas reports (sm_90, no spills for k_u
-    up to 9 and nh up to 4): the [BLOCK_P, NH_PAD, K_PAD] state tiles bound the pixel tile, and the
-    backward, with more live tiles, takes 8 warps."""
+def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERPRET) -> Config:
+    """Used when the tuning cache has no entry; chosen from ptxas reports (sm_90: no spills for k_u up
+    to 9, nh up to 4), not from timings. The [BLOCK_P, NH_PAD, K_PAD] state tiles bound the pixel
+    tile; the backward keeps more tiles live and takes narrower channel chunks."""
     state = triton.next_power_of_2(pb.NH) * triton.next_power_of_2(pb.K)
     seg_d = triton.next_power_of_2(pb.widest_segment(pb.D))
     seg_c = triton.next_power_of_2(pb.widest_segment(pb.C))
-    block_d, block_c = min(32, seg_d), min(32 if backward else 64, seg_c)
-    block_p = 32 if backward or state <= 16 else 16
-    if INTERPRET:  # fewer, larger programs: the interpreter pays per program, not per lane
-        block_p, block_d, block_c = 128, seg_d, seg_c
-    return Config(block_p=block_p, block_d=block_d, block_c=block_c, num_warps=8 if backward else 4, num_stages=1)
+    if interpret:  # fewer, larger programs: the interpreter pays per program, not per lane
+        return Config(block_p=128, block_d=seg_d, block_c=seg_c)
+    if not backward:
+        return Config(block_p=32 if state <= 16 else 16, block_d=min(32, seg_d), block_c=min(64, seg_c))
+    block_p, num_warps = (32, 4) if state <= 16 else (32, 8) if state <= 64 else (16, 4)
+    return Config(block_p=block_p, block_d=min(16, seg_d), block_c=min(16, seg_c), num_warps=num_warps)
 
 
 def _acc(dtype: torch.dtype):
