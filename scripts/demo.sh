@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: set up, then run the demo (both backends on a feature map, a picture of where
+# output pixels sample). Extra arguments go to demo.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python demo.py "$@"
