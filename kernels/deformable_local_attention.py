@@ -27,12 +27,13 @@ def _cmin(a, b):
 
 
 @triton.jit
-def _bilinear_setup(p_off, o_p, m_p, yf, xf, rh, rw, H, W, s_oc, c_oy, INT64: tl.constexpr, ACC: tl.constexpr):
+def _bilinear_setup(p_off, o_p, m_p, yf, xf, rh, rw, H, W, P, c_oy, INT64: tl.constexpr, ACC: tl.constexpr):
     """Sample position of one (group, neighbour) for a tile of pixels, as grid_sample(align_corners=True,
-    padding='zeros') sees it: corner weights, corner validity, and the top-left corner."""
+    padding='zeros') sees it: corner weights, corner validity, and the top-left corner. The offsets
+    are [G*2K, P] with channel c_oy the y and c_oy + 1 the x offset."""
     # [BLOCK_P]
-    oy = tl.load(p_off + c_oy * s_oc + o_p, mask=m_p, other=0.).to(ACC)
-    ox = tl.load(p_off + (c_oy + 1) * s_oc + o_p, mask=m_p, other=0.).to(ACC)
+    oy = tl.load(p_off + c_oy * P + o_p, mask=m_p, other=0.).to(ACC)
+    ox = tl.load(p_off + (c_oy + 1) * P + o_p, mask=m_p, other=0.).to(ACC)
     iy = (yf + oy) * rh
     ix = (xf + ox) * rw
     y0f = tl.floor(iy)
@@ -126,15 +127,15 @@ def dla_fwd_kernel(
     s_qb, s_qc, s_qy, s_qx,
     s_kb, s_kc, s_ky, s_kx,
     s_vb, s_vc, s_vy, s_vx,
-    s_ob, s_oc,
+    s_ob,
     H, W, Ho, Wo, scale,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     NH_PAD: tl.constexpr, K_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_RPB: tl.constexpr, STORE_ATTN: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
-    """q [B, D, Ho, Wo], k [B, D, H, W], v [B, C, H, W] (any strides), off [B, G*2K, Ho*Wo] (pixel
-    stride 1), rpb [NH, K, D//NH], out [B, C, Ho*Wo], attn [B, NH, K, Ho*Wo]."""
+    """q [B, D, Ho, Wo], k [B, D, H, W], v [B, C, H, W] (any strides), off [B, G*2K, Ho*Wo] (contiguous
+    but for the batch), rpb [NH, K, D//NH], out [B, C, Ho*Wo], attn [B, NH, K, Ho*Wo]."""
     DG: tl.constexpr = D // G
     DH: tl.constexpr = D // NH
     CG: tl.constexpr = C // G
@@ -172,7 +173,7 @@ def dla_fwd_kernel(
                               other=0.).to(ACC) * scale
                 for n in range(K):
                     hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _bilinear_setup(
-                        off, o_p, m_p, yf, xf, rh, rw, H, W, s_oc, (g * K + n) * 2, INT64, ACC)
+                        off, o_p, m_p, yf, xf, rh, rw, H, W, P, (g * K + n) * 2, INT64, ACC)
                     k00, k01, k10, k11 = _gather4(k, y0, x0, o_d * s_kc, m_d, s_ky, s_kx, m_y0, m_y1, m_x0, m_x1, ACC)
                     b_k = _blend(hy, ly, hx, lx, k00, k01, k10, k11)
                     if HAS_RPB:
@@ -199,7 +200,7 @@ def dla_fwd_kernel(
                 b_o = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
                 for n in range(K):
                     hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _bilinear_setup(
-                        off, o_p, m_p, yf, xf, rh, rw, H, W, s_oc, (g * K + n) * 2, INT64, ACC)
+                        off, o_p, m_p, yf, xf, rh, rw, H, W, P, (g * K + n) * 2, INT64, ACC)
                     v00, v01, v10, v11 = _gather4(v, y0, x0, o_c * s_vc, m_c, s_vy, s_vx, m_y0, m_y1, m_x0, m_x1, ACC)
                     b_o += _col(b_ah, o_n, n)[:, None] * _blend(hy, ly, hx, lx, v00, v01, v10, v11)
                 tl.store(out + o_c[None, :] * P + o_p[:, None], b_o.to(out.dtype.element_ty),
@@ -212,7 +213,7 @@ def dla_bwd_kernel(
     s_qb, s_qc, s_qy, s_qx,
     s_kb, s_kc, s_ky, s_kx,
     s_vb, s_vc, s_vy, s_vx,
-    s_ob, s_oc,
+    s_ob,
     s_dob, s_doc, s_doy, s_dox,
     s_dkb, s_dkc, s_dky, s_dkx,
     s_dvb, s_dvc, s_dvy, s_dvx,
@@ -274,7 +275,7 @@ def dla_bwd_kernel(
                                other=0.).to(ACC)
                 for n in range(K):
                     hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _bilinear_setup(
-                        off, o_p, m_p, yf, xf, rh, rw, H, W, s_oc, (g * K + n) * 2, INT64, ACC)
+                        off, o_p, m_p, yf, xf, rh, rw, H, W, P, (g * K + n) * 2, INT64, ACC)
                     v00, v01, v10, v11 = _gather4(v, y0, x0, o_c * s_vc, m_c, s_vy, s_vx, m_y0, m_y1, m_x0, m_x1, ACC)
                     b_v = _blend(hy, ly, hx, lx, v00, v01, v10, v11)
                     b_dah = _add_col(b_dah, o_n, n, tl.sum(b_do * b_v, axis=1))
@@ -318,7 +319,7 @@ def dla_bwd_kernel(
                 b_dq = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
                 for n in range(K):
                     hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _bilinear_setup(
-                        off, o_p, m_p, yf, xf, rh, rw, H, W, s_oc, (g * K + n) * 2, INT64, ACC)
+                        off, o_p, m_p, yf, xf, rh, rw, H, W, P, (g * K + n) * 2, INT64, ACC)
                     k00, k01, k10, k11 = _gather4(k, y0, x0, o_d * s_kc, m_d, s_ky, s_kx, m_y0, m_y1, m_x0, m_x1, ACC)
                     b_k = _blend(hy, ly, hx, lx, k00, k01, k10, k11)
                     b_dsn = _col(b_dsh, o_n, n)
@@ -352,7 +353,7 @@ def dla_bwd_kv_gather_kernel(
     """Deterministic dk/dv: one program per (batch, group, input pixel) sums every (output pixel,
     neighbour, corner) that sampled it, BLOCK_E at a time in a fixed order. row_ptr [B*G*HW + 1]
     indexes src_* sorted by target. dk [B, D, HW], dv [B, C, HW]; q [B, D, P] and dout [B, C, P]
-    with pixel stride 1."""
+    with pixel stride 1. Channel offsets are int64: this path is not the hot one."""
     DG: tl.constexpr = D // G
     DH: tl.constexpr = D // NH
     CG: tl.constexpr = C // G
@@ -368,7 +369,7 @@ def dla_bwd_kv_gather_kernel(
     q += i_b * s_qb
     dout += i_b * s_dob
     for c0 in range(0, CG, BLOCK_C):
-        o_c = i_g * CG + c0 + tl.arange(0, BLOCK_C)
+        o_c = (i_g * CG + c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         m_c = o_c < (i_g + 1) * CG
         b_dv = tl.zeros([BLOCK_C], dtype=ACC)
         for e0 in range(e_lo, e_hi, BLOCK_E):
@@ -385,7 +386,7 @@ def dla_bwd_kv_gather_kernel(
             b_dv += tl.sum(b_w[:, None] * b_a * b_do, axis=0)
         tl.store(dv + (i_b * C + o_c) * HW + i_t, b_dv, mask=m_c)
     for d0 in range(0, DG, BLOCK_D):
-        o_d = i_g * DG + d0 + tl.arange(0, BLOCK_D)
+        o_d = (i_g * DG + d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         m_d = o_d < (i_g + 1) * DG
         b_dk = tl.zeros([BLOCK_D], dtype=ACC)
         for e0 in range(e_lo, e_hi, BLOCK_E):

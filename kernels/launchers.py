@@ -110,7 +110,7 @@ def dla_fwd(q, k, v, offset, rpb, num_heads: int, num_groups: int, scale: float,
     rpb_arg = rpb.contiguous() if rpb is not None else q
     dla_fwd_kernel[_grid(pb, cfg)](
         q, k, v, offset, rpb_arg, out, attn,
-        *q.stride(), *k.stride(), *v.stride(), offset.stride(0), offset.stride(1),
+        *q.stride(), *k.stride(), *v.stride(), offset.stride(0),
         pb.H, pb.W, pb.Ho, pb.Wo, scale,
         D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K,
         NH_PAD=triton.next_power_of_2(pb.NH), K_PAD=triton.next_power_of_2(pb.K),
@@ -144,7 +144,7 @@ def dla_bwd(dout, q, k, v, offset, rpb, attn, num_heads: int, num_groups: int, s
     ds = torch.empty(pb.B, pb.NH, pb.K, P, dtype=acc_t, device=dev) if deterministic else doff
     dla_bwd_kernel[grid](
         q, k, v, offset, rpb.contiguous() if rpb is not None else q, attn, dout, dq, dk, dv, doff, drpb, ds,
-        *q.stride(), *k.stride(), *v.stride(), offset.stride(0), offset.stride(1),
+        *q.stride(), *k.stride(), *v.stride(), offset.stride(0),
         *dout.stride(), *dk.stride(), *dv.stride(),
         pb.H, pb.W, pb.Ho, pb.Wo, scale,
         D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K,
