@@ -343,6 +343,33 @@ def dla_bwd_kernel(
 
 
 @triton.jit
+def _fixed_order_sum(grad, b_w_ptr, src_p, src_n, src_w, x, s_xc, e_lo, e_hi, i_b, i_g, i_t, HW, P,
+                     CH: tl.constexpr, CG: tl.constexpr, C: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
+                     BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """grad[b, c, t] = sum over entries e of src_w[e] * b_w[b, head(c), src_n[e], src_p[e]] * x[b, c, src_p[e]]
+    for the CG channels of group i_g, entries in order. b_w is the attention (for dv) or the
+    softmax gradient (for dk); x is dout or q."""
+    b_w_ptr += i_b * NH * K * P
+    for c0 in range(0, CG, BLOCK_C):
+        o_c = (i_g * CG + c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        m_c = o_c < (i_g + 1) * CG
+        b_acc = tl.zeros([BLOCK_C], dtype=ACC)
+        for e0 in range(e_lo, e_hi, BLOCK_E):
+            o_e = e0 + tl.arange(0, BLOCK_E)
+            m_e = o_e < e_hi
+            # [BLOCK_E]
+            b_p = tl.load(src_p + o_e, mask=m_e, other=0).to(tl.int64)
+            b_n = tl.load(src_n + o_e, mask=m_e, other=0)
+            b_sw = tl.load(src_w + o_e, mask=m_e, other=0.)
+            m = m_e[:, None] & m_c[None, :]
+            # [BLOCK_E, BLOCK_C]
+            b_a = tl.load(b_w_ptr + ((o_c // CH) * K)[None, :] * P + (b_n * P + b_p)[:, None], mask=m, other=0.)
+            b_x = tl.load(x + o_c[None, :] * s_xc + b_p[:, None], mask=m, other=0.).to(ACC)
+            b_acc += tl.sum(b_sw[:, None] * b_a * b_x, axis=0)
+        tl.store(grad + (i_b * C + o_c) * HW + i_t, b_acc, mask=m_c)
+
+
+@triton.jit
 def dla_bwd_kv_gather_kernel(
     row_ptr, src_p, src_n, src_w, q, dout, attn, ds, dk, dv,
     s_qb, s_qc, s_dob, s_doc,
@@ -354,49 +381,13 @@ def dla_bwd_kv_gather_kernel(
     neighbour, corner) that sampled it, BLOCK_E at a time in a fixed order. row_ptr [B*G*HW + 1]
     indexes src_* sorted by target. dk [B, D, HW], dv [B, C, HW]; q [B, D, P] and dout [B, C, P]
     with pixel stride 1. Channel offsets are int64: this path is not the hot one."""
-    DG: tl.constexpr = D // G
-    DH: tl.constexpr = D // NH
-    CG: tl.constexpr = C // G
-    CH: tl.constexpr = C // NH
     i_r = tl.program_id(0)
     i_t = i_r % HW
     i_g = (i_r // HW) % G
     i_b = (i_r // (HW * G)).to(tl.int64)
     e_lo = tl.load(row_ptr + i_r)
     e_hi = tl.load(row_ptr + i_r + 1)
-    attn += i_b * NH * K * P
-    ds += i_b * NH * K * P
-    q += i_b * s_qb
-    dout += i_b * s_dob
-    for c0 in range(0, CG, BLOCK_C):
-        o_c = (i_g * CG + c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
-        m_c = o_c < (i_g + 1) * CG
-        b_dv = tl.zeros([BLOCK_C], dtype=ACC)
-        for e0 in range(e_lo, e_hi, BLOCK_E):
-            o_e = e0 + tl.arange(0, BLOCK_E)
-            m_e = o_e < e_hi
-            # [BLOCK_E]
-            b_p = tl.load(src_p + o_e, mask=m_e, other=0).to(tl.int64)
-            b_n = tl.load(src_n + o_e, mask=m_e, other=0)
-            b_w = tl.load(src_w + o_e, mask=m_e, other=0.)
-            m = m_e[:, None] & m_c[None, :]
-            # [BLOCK_E, BLOCK_C]
-            b_a = tl.load(attn + ((o_c // CH) * K)[None, :] * P + (b_n * P + b_p)[:, None], mask=m, other=0.)
-            b_do = tl.load(dout + o_c[None, :] * s_doc + b_p[:, None], mask=m, other=0.).to(ACC)
-            b_dv += tl.sum(b_w[:, None] * b_a * b_do, axis=0)
-        tl.store(dv + (i_b * C + o_c) * HW + i_t, b_dv, mask=m_c)
-    for d0 in range(0, DG, BLOCK_D):
-        o_d = (i_g * DG + d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        m_d = o_d < (i_g + 1) * DG
-        b_dk = tl.zeros([BLOCK_D], dtype=ACC)
-        for e0 in range(e_lo, e_hi, BLOCK_E):
-            o_e = e0 + tl.arange(0, BLOCK_E)
-            m_e = o_e < e_hi
-            b_p = tl.load(src_p + o_e, mask=m_e, other=0).to(tl.int64)
-            b_n = tl.load(src_n + o_e, mask=m_e, other=0)
-            b_w = tl.load(src_w + o_e, mask=m_e, other=0.)
-            m = m_e[:, None] & m_d[None, :]
-            b_ds = tl.load(ds + ((o_d // DH) * K)[None, :] * P + (b_n * P + b_p)[:, None], mask=m, other=0.)
-            b_q = tl.load(q + o_d[None, :] * s_qc + b_p[:, None], mask=m, other=0.).to(ACC)
-            b_dk += tl.sum(b_w[:, None] * b_ds * b_q, axis=0)
-        tl.store(dk + (i_b * D + o_d) * HW + i_t, b_dk, mask=m_d)
+    _fixed_order_sum(dv, attn, src_p, src_n, src_w, dout + i_b * s_dob, s_doc, e_lo, e_hi, i_b, i_g, i_t, HW, P,
+                     C // NH, C // G, C, NH, K, BLOCK_E, BLOCK_C, ACC)
+    _fixed_order_sum(dk, ds, src_p, src_n, src_w, q + i_b * s_qb, s_qc, e_lo, e_hi, i_b, i_g, i_t, HW, P,
+                     D // NH, D // G, D, NH, K, BLOCK_E, BLOCK_D, ACC)
