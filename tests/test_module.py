@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from helpers import fresh_seed, rel_err
-from official import official_forward, official_state_dict
+from upsampler.official import official_forward, official_state_dict
 from upsampler import LDAAQU
 
 

@@ -1,6 +1,7 @@
-"""An independent forward (float64 by default) of the official LDA_AQU (duzw9311/LDA-AQU, fpn_lau.py), from a bare
-state dict: the official route through F.grid_sample with normalised grids and the einops layouts
-of the official code. Shares nothing with the package under test."""
+"""The official LDA_AQU forward (duzw9311/LDA-AQU, fpn_lau.py) re-derived from a bare state dict:
+grid_sample on normalised grids, the official einops layouts, the K sampled copies materialised.
+It shares no code with the module or the op, so the tests use it as an independent oracle and
+bench.py as the official-style baseline."""
 import torch
 import torch.nn.functional as F
 from einops import rearrange
