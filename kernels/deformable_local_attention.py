@@ -110,15 +110,22 @@ def _add_head(b_x, o_h, h, b_s):
 
 
 @triton.jit
-def _pixel_tile(H, W, Ho, Wo, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+def _pixel_tile(H, W, Ho, Wo, BLOCK_P: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
+    """This program's output pixels: flat index, mask, row and column (as indices and as floats),
+    the align-corners ratios, and the pixel count P (int64 when offsets can pass 2**31)."""
+    P = Ho * Wo
     o_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    m_p = o_p < Ho * Wo
-    yf = (o_p // Wo).to(ACC)
-    xf = (o_p % Wo).to(ACC)
+    m_p = o_p < P
+    o_y = o_p // Wo
+    o_x = o_p % Wo
+    if INT64:
+        P = P.to(tl.int64)
+        o_y = o_y.to(tl.int64)
+        o_x = o_x.to(tl.int64)
     # align-corners ratio from output to input pixels; 0 for a single output row/column
     rh = (H - 1).to(ACC) / tl.maximum(Ho - 1, 1).to(ACC) * (Ho > 1).to(ACC)
     rw = (W - 1).to(ACC) / tl.maximum(Wo - 1, 1).to(ACC) * (Wo > 1).to(ACC)
-    return o_p, m_p, yf, xf, rh, rw
+    return o_p, m_p, o_y, o_x, o_y.to(ACC), o_x.to(ACC), rh, rw, P
 
 
 @triton.jit(do_not_specialize=["H", "W", "Ho", "Wo"])
@@ -141,15 +148,7 @@ def dla_fwd_kernel(
     CG: tl.constexpr = C // G
     CH: tl.constexpr = C // NH
     i_b = tl.program_id(1).to(tl.int64)
-    P = Ho * Wo
-    if INT64:
-        P = P.to(tl.int64)
-    o_p, m_p, yf, xf, rh, rw = _pixel_tile(H, W, Ho, Wo, BLOCK_P, ACC)
-    o_y = o_p // Wo
-    o_x = o_p % Wo
-    if INT64:
-        o_y = o_y.to(tl.int64)
-        o_x = o_x.to(tl.int64)
+    o_p, m_p, o_y, o_x, yf, xf, rh, rw, P = _pixel_tile(H, W, Ho, Wo, BLOCK_P, INT64, ACC)
     o_qp = o_y * s_qy + o_x * s_qx
     q += i_b * s_qb
     k += i_b * s_kb
@@ -232,15 +231,7 @@ def dla_bwd_kernel(
     CG: tl.constexpr = C // G
     CH: tl.constexpr = C // NH
     i_b = tl.program_id(1).to(tl.int64)
-    P = Ho * Wo
-    if INT64:
-        P = P.to(tl.int64)
-    o_p, m_p, yf, xf, rh, rw = _pixel_tile(H, W, Ho, Wo, BLOCK_P, ACC)
-    o_y = o_p // Wo
-    o_x = o_p % Wo
-    if INT64:
-        o_y = o_y.to(tl.int64)
-        o_x = o_x.to(tl.int64)
+    o_p, m_p, o_y, o_x, yf, xf, rh, rw, P = _pixel_tile(H, W, Ho, Wo, BLOCK_P, INT64, ACC)
     o_qp = o_y * s_qy + o_x * s_qx
     o_dop = o_y * s_doy + o_x * s_dox
     q += i_b * s_qb

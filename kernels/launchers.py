@@ -73,7 +73,7 @@ def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERP
         return Config(block_p=128, block_d=seg_d, block_c=seg_c)
     if not backward:
         return Config(block_p=32 if state <= 16 else 16, block_d=min(32, seg_d), block_c=min(64, seg_c))
-    block_p, num_warps = (32, 4) if state <= 16 else (32, 8) if state <= 64 else (16, 4)
+    block_p, num_warps = (32, 4) if state == 1 else (32, 8) if state <= 64 else (16, 4)
     return Config(block_p=block_p, block_d=min(16, seg_d), block_c=min(16, seg_c), num_warps=num_warps)
 
 
