@@ -1,5 +1,7 @@
 """Every configuration the launchers pick compiles for real GPUs (sm_90, sm_80) on this CPU-only
-machine, and on sm_90 stays in registers: the interpreter alone accepts code the compiler rejects."""
+machine, and on sm_90 stays in registers: the interpreter alone accepts code the compiler rejects.
+autotune.resources does triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) and reads
+ptxas's report, in a child process since this one interprets."""
 import pytest
 
 from autotune.resources import Job, compile_reports
