@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import triton
 
-from kernels.launchers import KERNEL_VERSION, Config, Problem
+from kernels.launchers import INTERPRET, KERNEL_VERSION, Config, Problem
 
 ENV = "LDA_AQU_CACHE_DIR"
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -30,8 +30,9 @@ _warned = False
 
 
 def identity() -> dict:
-    """What a cache file must match: the device and the software that compiled for it."""
-    if torch.cuda.is_available():
+    """What a cache file must match: the device and the software that compiled for it. Interpreted
+    kernels get an identity of their own, so that their timings never land in a GPU's file."""
+    if torch.cuda.is_available() and not INTERPRET:
         major, minor = torch.cuda.get_device_capability()
         gpu, cc = torch.cuda.get_device_name(), f"sm_{major}{minor}"
     else:

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from autotune import cache
-from autotune.resources import Job, compile_reports
-from autotune.space import candidates, estimated_registers, spill_free
+from autotune import cache, sweep
+from autotune.__main__ import main
+from autotune.space import MAX_REGISTERS, candidates, estimated_registers, spill_free, unpruned
 from kernels.launchers import Config, Problem, default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,27 +82,37 @@ def test_clear(fresh_cache):
     assert cache.clear() and not cache.cache_path().exists() and not cache.clear()
 
 
-def test_space_is_pruned_and_holds_the_default():
-    for backward in (False, True):
-        space = candidates(PB, backward)
-        assert space[0] == default_config(PB, backward, interpret=False)
-        assert len(space) == len(set(space)) > 20
-        assert all(c.fits(PB) and estimated_registers(PB, c, backward) <= 255 for c in space[1:])
-        # the estimate drops what cannot fit: 64x128 tiles on 2 warps
-        assert not any(c.block_p == 64 and c.block_c == 128 and c.num_warps == 2 for c in space)
+# FPN P2 with the issue's layouts, a head split inside groups, and a width-8 segment
+PROBLEMS = [PB, PB._replace(G=4, NH=2, K=49), PB._replace(G=1, K=81), Problem(1, 16, 64, 4, 4, 8, 8, 2, 1, 9),
+            Problem(1, 12, 24, 4, 3, 8, 6, 2, 3, 25)]
 
 
-def test_quick_space_compiles_and_spill_pruning_keeps_what_ptxas_keeps():
-    """The sweep only times configurations ptxas keeps in registers: every quick candidate
-    compiles for sm_90 and sm_80, and pruning keeps exactly the spill-free ones."""
+@pytest.mark.parametrize("pb", PROBLEMS, ids=lambda pb: f"D{pb.D}-C{pb.C}-G{pb.G}-NH{pb.NH}-K{pb.K}")
+def test_space_is_pruned_and_holds_the_defaults(pb):
+    grid = unpruned(pb)
     for backward in (False, True):
-        space = candidates(PB, backward, quick=True)
-        kind = "bwd" if backward else "fwd"
-        for cc in (90, 80):
-            reports = compile_reports([Job(kind, PB, c, "fp32", cc) for c in space])
-            assert all(r.error is None and r.registers > 0 for r in reports)
-            kept = spill_free(PB, space, backward, "fp32", cc)
-            assert kept == [c for c, r in zip(space, reports) if r.spill_bytes == 0] and kept
+        for interpret in (False, True):
+            assert default_config(pb, backward, interpret=interpret) in grid
+        for quick in (False, True):
+            space = candidates(pb, backward, quick)
+            assert space and len(space) == len(set(space))
+            assert all(c.fits(pb) and estimated_registers(pb, c, backward) <= MAX_REGISTERS for c in space)
+            assert set(space) <= set(unpruned(pb, quick)) and (quick or set(candidates(pb, backward, True)) <= set(space))
+
+
+def test_register_estimate_prunes_the_wide_tiles():
+    fwd, bwd = candidates(PB), candidates(PB, backward=True)
+    assert len(fwd) > len(bwd) > 20
+    # 64x128 channel tiles on 2 warps cannot stay in registers; 16x16 tiles on 4 warps can
+    assert not any(c.block_p == 64 and c.block_c == 128 and c.num_warps == 2 for c in fwd + bwd)
+    assert Config(16, 16, 16, 4) in fwd and Config(16, 16, 16, 4) in bwd
+
+
+def test_spill_pruning_keeps_what_ptxas_keeps():
+    """Timing only what ptxas keeps in registers: the forward default stays, a 64x64-pixel-channel
+    tile that spills 200 bytes on sm_90 goes."""
+    default, wide = default_config(PB, interpret=False), Config(64, 32, 64, 4)
+    assert spill_free(PB, [default, wide], backward=False) == [default]
 
 
 def run_cli(*args, env):
@@ -114,19 +124,57 @@ def test_cli_sweep_show_clear(fresh_cache):
     env = dict(os.environ, TRITON_INTERPRET="1", **{cache.ENV: str(fresh_cache)})
     r = run_cli("sweep", "--quick", env=env)
     assert r.returncode == 0, r.stderr
-    assert "CPU interpreter" in r.stderr and "[4/4]" in r.stderr
-    assert "fwd|fp32|D4|C16|G2|NH1|K9|P256" in r.stdout
+    assert "CPU interpreter" in r.stderr and "the timings mean nothing" in r.stderr and "[6/6]" in r.stderr
+    assert "bwd|bf16|D4|C16|G2|NH1|K9|P64" in r.stdout and " ok" in r.stdout
     shown = run_cli("show", env=env)
     assert shown.returncode == 0 and '"kernel_version"' in shown.stdout
     entries = json.loads(cache.cache_path().read_text())["entries"]
-    assert len(entries) == 4
-    pb = Problem(1, 4, 16, 6, 6, 12, 12, 2, 1, 9)
-    cfg = cache.lookup(pb, torch.float32, backward=True)
-    assert cfg is not None and cfg.fits(pb)
+    assert len(entries) == 6
+    # the bucket is the power of two above the map's size: a 7x9 output shares the 8x8 entry
+    for pb in (Problem(1, 4, 16, 4, 4, 8, 8, 2, 1, 9), Problem(1, 4, 16, 3, 4, 7, 9, 2, 1, 9)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            cfg = cache.lookup(pb, dtype, backward=True)
+            assert cfg is not None and cfg.fits(pb)
     cleared = run_cli("clear", env=env)
     assert cleared.returncode == 0 and not cache.cache_path().exists()
-    assert run_cli("sweep", "--kernel-sizes", "4", env=env).returncode == 2
-    assert run_cli("sweep", "--dtype", "int8", env=env).returncode != 0
+
+
+@pytest.mark.parametrize("args", [["--kernel-sizes", "4"], ["--dtype", "int8"], ["--groups", "3"], ["--scales", "0"],
+                                  ["--heads", "x"]])
+def test_cli_rejects_bad_arguments(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", *args])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def fake_kernel(bias):
+    """dla_fwd as the reference plus `bias`: a fast stand-in for a right or a wrong kernel."""
+    def fwd(q, k, v, offset, rpb, nh, G, scale, config=None, need_attn=True):
+        ref = sweep.deformable_local_attention_ref(q.float(), k.float(), v.float(), offset.float(), rpb.float(),
+                                                   num_heads=nh, num_groups=G, scale=scale)
+        return (ref + bias).to(q.dtype), None
+    return fwd
+
+
+@pytest.mark.parametrize("bias", [0.0, 0.1])
+def test_sweep_keeps_only_what_matches_the_reference(fresh_cache, monkeypatch, bias):
+    monkeypatch.setattr(sweep, "dla_fwd", fake_kernel(bias))
+    pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
+    rows = sweep.sweep([pb], ["fp32"], backward=False, quick=True)
+    kept = cache.lookup(pb, torch.float32)
+    if bias:
+        assert rows[0].status.endswith("disagree with the reference") and kept is None
+    else:
+        assert rows[0].status == "ok" and kept == rows[0].config and rows[0].tried == 2
+
+
+@pytest.mark.parametrize("K", [9, 1])
+def test_reference_check_over_a_batch(K):
+    """The reference runs one batch element at a time; the rpb gradient sums them. With K=1 the q, k
+    and rpb gradients are zero: their error is absolute."""
+    pb = Problem(2, 4, 8, 3, 4, 6, 8, 2, 2, K)
+    x = sweep.inputs(pb, torch.float32, "cpu", seed=1)
+    assert sweep.check(pb, default_config(pb, backward=True), x, backward=True) < 1e-5
 
 
 def test_launcher_uses_the_cached_config(fresh_cache, monkeypatch):
