@@ -4,7 +4,7 @@ torch.compile of the reference, and the whole module against the official-style 
     python bench.py [--quick] [--out DIR] [--dtype fp32 bf16]
 
 Writes bench.csv (one row per case, keyed by device, versions and date) and PNG plots into DIR
-(default results/<device>/) and prints a table. Without a GPU it runs a reduced comparison on tiny
+(default results/<gpu name>/, results/cpu/ without a GPU) and prints a table. Without a GPU it runs a reduced comparison on tiny
 maps with the Triton kernels in the interpreter: that proves the command, not any speed.
 """
 from __future__ import annotations
@@ -33,12 +33,19 @@ from upsampler.naive import deformable_local_attention_ref  # noqa: E402
 from upsampler.official import official_forward  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# memory: what autograd keeps for the backward (any device), and the CUDA peak of a whole step
 FIELDS = ["device", "torch", "triton", "date", "case", "backend", "direction", "dtype", "k_u", "scale", "B", "C",
-          "H", "W", "ms", "mpix_per_s", "gb_per_s", "floor_bytes", "memory_bytes", "memory_kind", "status"]
+          "H", "W", "ms", "mpix_per_s", "gb_per_s", "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes",
+          "status"]
 
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if GPU else "CPU (Triton interpreter)"
+
+
+def device_slug() -> str:
+    """results/<slug>: the GPU's name; "cpu" (git-ignored: interpreter timings are not results) otherwise."""
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") if GPU else "cpu"
 
 
 def inputs(B, C, D, H, W, s, G, nh, k_u, dtype, dev, grad):
@@ -52,15 +59,15 @@ def inputs(B, C, D, H, W, s, G, nh, k_u, dtype, dev, grad):
 
 
 def floor_bytes(tensors, out_numel, itemsize, backward):
-    """Each input read once and the output written once; the backward adds dout read, the
-    inputs read again and every gradient written."""
+    """The op's byte floor: every input read once and the output written once; forward+backward
+    adds dout read once and every gradient (the inputs' sizes) written once."""
     ins = sum(t.numel() * t.element_size() for t in tensors)
-    fwd = ins + out_numel * itemsize
-    return fwd + (out_numel * itemsize + 2 * ins if backward else 0)
+    return ins + out_numel * itemsize + (out_numel * itemsize + ins if backward else 0)
 
 
 def measure(fn, backward):
-    """(median ms, memory bytes, memory kind) of fn(), with .sum().backward() when backward."""
+    """(median ms, bytes autograd saves for the backward, CUDA peak bytes) of fn(), followed by
+    .sum().backward() when backward."""
     def run():
         if not backward:
             with torch.no_grad():
@@ -68,30 +75,35 @@ def measure(fn, backward):
         out = fn()
         out.float().sum().backward()
         return out
+    storages = {}
+
+    def pack(x):  # one count per storage: views and expanded indices hold no memory of their own
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        run()  # also the warm-up: compilation, autotuning, the allocator
+    saved = sum(storages.values()) if backward else ""
     if GPU:
-        run()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         run()
         torch.cuda.synchronize()
-        mem = torch.cuda.max_memory_allocated() - base
-        return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"), mem, "peak_cuda"
-    saved = {}
-
-    def pack(x):
-        saved[(x.untyped_storage().data_ptr(), x.dtype, tuple(x.shape))] = x.numel() * x.element_size()
-        return x
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        run()  # warm-up, and what autograd keeps for the backward
-    t = time.perf_counter()
-    run()
-    return (time.perf_counter() - t) * 1e3, sum(saved.values()) if backward else "", "saved_for_backward"
+        peak = torch.cuda.max_memory_allocated() - base
+        return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"), saved, peak
+    times = []
+    start = time.perf_counter()
+    while not times or (len(times) < 25 and time.perf_counter() - start < 0.3):
+        t = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2], saved, ""
 
 
 def cases(quick):
     """(case, backend, k_u, scale, make) where make(dtype, grad) -> (fn, tensors, out_numel)."""
-    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 8, 8)
+    # on the CPU, maps of one 128-pixel program at s=2: the interpreter pays per program
+    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6)
     G, nh, r = 2, 1, 4
     D = C // r
     if GPU:
@@ -147,13 +159,13 @@ def run(quick, dtypes):
                     row.update(B=tensors[0].shape[0], C=tensors[-1 if case == "module" else 2].shape[1],
                                H=tensors[-1 if case == "module" else 2].shape[2],
                                W=tensors[-1 if case == "module" else 2].shape[3])
-                    ms, mem, kind = measure(fn, backward)
+                    ms, saved, peak = measure(fn, backward)
                     px = out_numel / row["C"]
                     floor = floor_bytes(tensors, out_numel, tensors[0].element_size(), backward)
                     row.update(ms=float(f"{ms:.4g}"), mpix_per_s=float(f"{px / ms / 1e3:.4g}"),
                                gb_per_s=float(f"{floor / ms / 1e6:.4g}") if case == "op" else "",
-                               floor_bytes=floor if case == "op" else "", memory_bytes=mem, memory_kind=kind,
-                               status="ok")
+                               floor_bytes=floor if case == "op" else "", saved_for_backward_bytes=saved,
+                               peak_cuda_bytes=peak, status="ok")
                 except Exception as e:  # noqa: BLE001 - an OOM or a compiler failure is a result
                     row.update(status=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
                     if GPU:
@@ -161,7 +173,8 @@ def run(quick, dtypes):
                 rows.append(row)
                 print(f"{case:6} {backend:15} {row['direction']:7} {dt:4} k_u={k_u} s={s}: "
                       f"{row.get('ms', '-')} ms  {row.get('mpix_per_s', '-')} Mpx/s  "
-                      f"{row.get('gb_per_s') or '-'} GB/s  mem {row.get('memory_bytes', '-')}  {row['status'][:60]}",
+                      f"{row.get('gb_per_s') or '-'} GB/s  saved {row.get('saved_for_backward_bytes') or '-'} B  "
+                      f"peak {row.get('peak_cuda_bytes') or '-'} B  {row['status'][:60]}",
                       flush=True)
     return rows
 
@@ -182,7 +195,8 @@ def plot(rows, out, label):
             for key in sorted({(r["case"], r["backend"], r["scale"]) for r in sel}):
                 pts = sorted((r["k_u"], r["mpix_per_s"]) for r in sel if (r["case"], r["backend"], r["scale"]) == key)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]}/{key[1]} s={key[2]:g}")
-            ax.set(xlabel="k_u", ylabel="output Mpx/s", yscale="log", title=f"{label}: {d}, {dt}")
+            ax.set(xlabel="k_u", ylabel="output Mpx/s", yscale="log", title=f"{label}: {d}, {dt}",
+                   xticks=sorted({r["k_u"] for r in sel}))
             ax.legend(fontsize=7)
     paths.append(_save(fig, out, "throughput_vs_k_u.png"))
     # speed-up of each backend over the eager baseline of its case
@@ -206,20 +220,23 @@ def plot(rows, out, label):
         ax.set(ylabel="speed-up over eager", title=f"{label}: {d}")
         ax.legend(fontsize=7)
     paths.append(_save(fig, out, "speedup.png"))
-    # memory
+    # memory of a training step: what autograd keeps, and (on a GPU) the peak
     sel = [r for r in ok if r["direction"] == "fwd+bwd"]
-    if sel:
-        fig, ax = plt.subplots(figsize=(8, 4))
+    columns = [c for c in ("saved_for_backward_bytes", "peak_cuda_bytes") if any(r[c] != "" for r in sel)]
+    if columns:
+        fig, axes = plt.subplots(1, len(columns), figsize=(8 * len(columns), 4), squeeze=False)
         keys = sorted({(r["case"], r["backend"]) for r in sel})
         groups = sorted({(r["k_u"], r["scale"], r["dtype"]) for r in sel})
-        for n, key in enumerate(keys):
-            ys = [next((int(r["memory_bytes"]) / 2**20 for r in sel if (r["case"], r["backend"]) == key
-                        and (r["k_u"], r["scale"], r["dtype"]) == g), 0) for g in groups]
-            ax.bar([x + n * 0.8 / len(keys) for x in range(len(groups))], ys, width=0.8 / len(keys),
-                   label=f"{key[0]}/{key[1]}")
-        ax.set_xticks(range(len(groups)), [f"k{k} s{s:g} {dt}" for k, s, dt in groups], rotation=45, fontsize=7)
-        ax.set(ylabel=f"MiB ({sel[0]['memory_kind']})", yscale="log", title=f"{label}: memory, fwd+bwd")
-        ax.legend(fontsize=7)
+        for ax, column in zip(axes[0], columns):
+            for n, key in enumerate(keys):
+                ys = [next((int(r[column]) / 2**20 for r in sel if (r["case"], r["backend"]) == key
+                            and (r["k_u"], r["scale"], r["dtype"]) == g), 0) for g in groups]
+                ax.bar([x + n * 0.8 / len(keys) for x in range(len(groups))], ys, width=0.8 / len(keys),
+                       label=f"{key[0]}/{key[1]}")
+            ax.set_xticks(range(len(groups)), [f"k{k} s{s:g} {dt}" for k, s, dt in groups], rotation=45, fontsize=7)
+            ax.set(ylabel=f"MiB, {column.removesuffix('_bytes').replace('_', ' ')}", yscale="log",
+                   title=f"{label}: memory, fwd+bwd")
+            ax.legend(fontsize=7)
         paths.append(_save(fig, out, "memory.png"))
     return paths
 
@@ -240,7 +257,7 @@ def main():
                     help="default: fp32 bf16 on a GPU, fp32 on the CPU")
     args = ap.parse_args()
     dtypes = args.dtype or (["fp32", "bf16"] if GPU else ["fp32"])
-    out = args.out or os.path.join("results", re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-"))
+    out = args.out or os.path.join("results", device_slug())
     os.makedirs(out, exist_ok=True)
     rows = run(args.quick, dtypes)
     with open(os.path.join(out, "bench.csv"), "w", newline="") as f:
