@@ -48,6 +48,18 @@ def test_lookup_reads_the_file_once(fresh_cache, monkeypatch):
     assert len(reads) == 2  # committed defaults + the user file, once
 
 
+def test_committed_defaults_under_the_user_cache(fresh_cache, monkeypatch):
+    """A packaged table answers what the user's sweep did not tune; the user's entries win."""
+    fwd, bwd = cache.bucket(PB, torch.float32, False), cache.bucket(PB, torch.float32, True)
+    monkeypatch.setenv(cache.ENV, str(fresh_cache / "shipped"))
+    cache.store({fwd: Config(16, 16, 16, 4), bwd: Config(32, 16, 16, 8)})  # as a sweep on this device writes it
+    monkeypatch.setattr(cache, "DEFAULTS", fresh_cache / "shipped")
+    monkeypatch.setenv(cache.ENV, str(fresh_cache / "user"))
+    cache.store({fwd: Config(64, 32, 64, 8)})
+    assert cache.lookup(PB, torch.float32) == Config(64, 32, 64, 8)
+    assert cache.lookup(PB, torch.float32, backward=True) == Config(32, 16, 16, 8)
+
+
 @pytest.mark.parametrize("bad", ["corrupt", "foreign gpu", "foreign triton", "foreign kernel", "bad entry"])
 def test_bad_file_is_ignored_with_one_warning(fresh_cache, bad):
     path = cache.cache_path()
