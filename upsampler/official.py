@@ -14,7 +14,8 @@ def _ln_channels(x, w, b):
 def _extract(x, Ho, Wo, offset, ks):
     """The official extract_feats: the K neighbours laid out as a (ks*Ho, ks*Wo) grid."""
     B = x.shape[0]
-    rows, cols = torch.meshgrid(torch.arange(Ho, dtype=x.dtype), torch.arange(Wo, dtype=x.dtype), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(Ho, dtype=x.dtype, device=x.device),
+                                torch.arange(Wo, dtype=x.dtype, device=x.device), indexing="ij")
     index = torch.stack((rows, cols), -1).view(1, Ho, Wo, 2)
     offset = rearrange(offset, "b (kh kw d) h w -> b kh h kw w d", kh=ks, kw=ks)
     offset = (offset + index.view(1, 1, Ho, 1, Wo, 2)).contiguous().view(B, ks * Ho, ks * Wo, 2)
@@ -37,7 +38,7 @@ def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k
     h = F.conv2d(q.view(B * G, -1, Ho, Wo), sd["conv_offset.0.weight"], padding=1, groups=D // G)
     h = F.gelu(_ln_channels(h, sd["conv_offset.1.norm.weight"], sd["conv_offset.1.norm.bias"]))
     h = F.conv2d(h, sd["conv_offset.3.weight"], sd["conv_offset.3.bias"], padding=k_e // 2)
-    base = torch.arange(k_u, dtype=dtype) - k_u // 2
+    base = torch.arange(k_u, dtype=dtype, device=x.device) - k_u // 2
     base = torch.stack([base.repeat_interleave(k_u), base.repeat(k_u)], 1).flatten().view(1, -1, 1, 1)
     offset = h.tanh() * range_factor + base
     ks = _extract(k.view(B * G, D // G, H, W), Ho, Wo, offset, k_u)
