@@ -128,7 +128,7 @@ def dla_bwd(dout, q, k, v, offset, rpb, attn, num_heads: int, num_groups: int, s
     dk and dv are summed in a fixed order (sort + gather) instead of by atomics."""
     pb = Problem.of(q, v, offset, num_groups, num_heads)
     cfg = config or default_config(pb, backward=True)
-    k_in, v_in = k, v
+    k_in, v_in, off_in = k, v, offset
     k, v, offset = _prepare(k, v, offset, cfg)
     acc_t, acc_tl = _acc(q.dtype)
     dev = q.device
@@ -156,8 +156,9 @@ def dla_bwd(dout, q, k, v, offset, rpb, attn, num_heads: int, num_groups: int, s
     )
     if deterministic:
         dk, dv = _kv_grad_deterministic(pb, cfg, q, dout, offset, attn, ds, acc_t, acc_tl)
-    return (dq, dk.to(k_in.dtype), dv.to(v_in.dtype), doff.to(offset.dtype),
-            drpb.sum(0).to(rpb.dtype) if rpb is not None else None)
+    # one pass each from the accumulators into the inputs' dtype and memory layout
+    return (dq, torch.empty_like(k_in).copy_(dk), torch.empty_like(v_in).copy_(dv),
+            torch.empty_like(off_in).copy_(doff), drpb.sum(0).to(rpb.dtype) if rpb is not None else None)
 
 
 def sample_corners(offset: torch.Tensor, pb: Problem, acc_t: torch.dtype):

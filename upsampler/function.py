@@ -38,7 +38,7 @@ def dla_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     dq, dk, dv, doff, drpb = dla_bwd(dout, q, k, v, offset, rpb, attn, num_heads, num_groups, scale,
                                      config=_config(q, v, offset, num_heads, num_groups, True),
                                      deterministic=deterministic)
-    return dq, dk.contiguous(), dv.contiguous(), doff, (drpb if drpb is not None else q.new_empty(0))
+    return dq, dk, dv, doff, (drpb if drpb is not None else q.new_empty(0))
 
 
 @dla_bwd_op.register_fake
