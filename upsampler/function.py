@@ -63,3 +63,12 @@ class DeformableLocalAttentionFunction(torch.autograd.Function):
         dq, dk, dv, doff, drpb = torch.ops.lda_aqu.dla_bwd(
             dout, q, k, v, offset, rpb, attn, *ctx.args, torch.are_deterministic_algorithms_enabled())
         return dq, dk, dv, doff, (drpb if rpb is not None else None), None, None, None, None
+
+
+def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
+                          coords, padding):
+    if q is None or logits is not None or weights is not None or kernel_size is not None \
+            or coords != "align_corners" or padding != "zeros":
+        raise NotImplementedError("the Triton kernels take LDA-AQU's attention only, for now")
+    need_attn = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, offset, rpb))
+    return DeformableLocalAttentionFunction.apply(q, k, v, offset, rpb, num_heads, num_groups, scale, need_attn)

@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
-from .naive import deformable_local_attention_ref
+from .naive import COORDS, PADDINGS, local_upsample_ref
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -102,11 +102,203 @@ def _check(q, k, v, offset, rpb, num_heads, num_groups):
     return G
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, coords,
+                   padding):
+    """(G, nh, K) of a local_upsample call, or a ValueError/TypeError naming the argument."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 4:
+        raise ValueError(f"v must be 4-D (B, C, H, W), got shape {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"v must be a floating-point tensor, got {v.dtype}")
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 or not all(_is_int(s) for s in size):
+        raise TypeError(f"size must be a pair of ints (Ho, Wo), got {size!r}")
+    B, C, H, W = v.shape
+    Ho, Wo = size
+    if min(B, C, H, W) == 0 or Ho < 1 or Wo < 1:
+        raise ValueError(f"empty input or output: v {tuple(v.shape)}, size {tuple(size)}")
+    if coords not in COORDS:
+        raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    named = dict(offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights)
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != v.device:
+            raise ValueError(f"{name} is on {t.device} but v is on {v.device}")
+        if t.dtype != v.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but v has {v.dtype}")
+        want = {"rpb": 3, "logits": 5, "weights": 5}.get(name, 4)
+        if t.dim() != want:
+            raise ValueError(f"{name} must be {want}-D, got shape {tuple(t.shape)}")
+        if name != "rpb" and t.shape[0] != B:
+            raise ValueError(f"{name} has batch size {t.shape[0]} but v has {B}")
+    if (q is None) != (k is None):
+        raise ValueError("q and k go together: pass both (attention weights) or neither")
+    if rpb is not None and q is None:
+        raise ValueError("rpb is a bias of the attention logits: it needs q and k")
+    given = [n for n, t in (("q/k", q), ("logits", logits), ("weights", weights)) if t is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one way of weighting the samples, got {' and '.join(given)}")
+    if kernel_size is not None and (not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0):
+        raise ValueError(f"kernel_size must be None or a positive odd int, got {kernel_size!r}")
+    if not _is_int(num_heads) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if num_groups is not None and (not _is_int(num_groups) or num_groups < 1):
+        raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
+
+    # K and nh, from whichever argument carries them
+    Ks = {}
+    if kernel_size is not None:
+        Ks["kernel_size**2"] = kernel_size * kernel_size
+    nh = num_heads
+    for name, t in (("logits", logits), ("weights", weights)):
+        if t is not None:
+            if tuple(t.shape[3:]) != (Ho, Wo):
+                raise ValueError(f"{name} is {tuple(t.shape[3:])} in space but size is {(Ho, Wo)}")
+            if num_heads not in (1, t.shape[1]):
+                raise ValueError(f"{name} has {t.shape[1]} heads but num_heads={num_heads}")
+            nh = t.shape[1]
+            Ks[name] = t.shape[2]
+    if rpb is not None:
+        Ks["rpb"] = rpb.shape[1]
+    if q is not None:
+        D = q.shape[1]
+        if tuple(q.shape[2:]) != (Ho, Wo):
+            raise ValueError(f"q is {tuple(q.shape[2:])} in space but size is {(Ho, Wo)}")
+        if k.shape[1] != D:
+            raise ValueError(f"k has {k.shape[1]} channels but q has {D}")
+        if tuple(k.shape[2:]) != (H, W):
+            raise ValueError(f"k is {tuple(k.shape[2:])} in space but v is {(H, W)}")
+        if D == 0:
+            raise ValueError(f"empty input: q {tuple(q.shape)}")
+        if D % nh:
+            raise ValueError(f"num_heads={nh} must divide q's {D} channels")
+    if C % nh:
+        raise ValueError(f"num_heads={nh} must divide v's {C} channels")
+    if len(set(Ks.values())) > 1:
+        raise ValueError(f"the neighbour count K disagrees between arguments: {Ks}")
+    K = next(iter(Ks.values()), None)
+
+    G = 1
+    if offset is not None:
+        if tuple(offset.shape[2:]) != (Ho, Wo):
+            raise ValueError(f"offset is {tuple(offset.shape[2:])} in space but size is {(Ho, Wo)}")
+        n = offset.shape[1]
+        if n % 2:
+            raise ValueError(f"offset must have G*2*K channels, got {n}")
+        D = q.shape[1] if q is not None else C
+        if K is not None:
+            if num_groups is not None and num_groups * 2 * K != n:
+                raise ValueError(f"offset has {n} channels, not num_groups*2*K = {num_groups}*2*{K}")
+            G = n // (2 * K) if n % (2 * K) == 0 else 0
+            if not G or D % G or C % G:
+                raise ValueError(f"offset has {n} channels: not G*2*K for K={K} and a G dividing the "
+                                 f"{C} value channels" + (f" and {D} key channels" if q is not None else ""))
+        elif num_groups is None and n == 2:
+            G = 1
+        else:
+            G = _infer_groups(n, D, C, None, num_groups)
+        K = n // (2 * G)
+        if rpb is not None and tuple(rpb.shape) != (nh, K, q.shape[1] // nh):
+            raise ValueError(f"rpb must have shape (num_heads, K, D//num_heads) = {(nh, K, q.shape[1] // nh)}, "
+                             f"got {tuple(rpb.shape)}")
+    elif rpb is not None and tuple(rpb.shape) != (nh, rpb.shape[1], q.shape[1] // nh):
+        raise ValueError(f"rpb must have shape (num_heads, K, D//num_heads), got {tuple(rpb.shape)}")
+    if K is None:
+        K = 1
+    if offset is None and K > 1 and kernel_size is None:
+        raise ValueError(f"{K} neighbours but neither offset nor kernel_size places them")
+    return G, nh, K
+
+
+def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = None, q: Optional[torch.Tensor] = None,
+                   k: Optional[torch.Tensor] = None, rpb: Optional[torch.Tensor] = None,
+                   logits: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                   kernel_size: Optional[int] = None, num_groups: Optional[int] = None, num_heads: int = 1,
+                   scale: Optional[float] = None, coords: str = "align_corners", padding: str = "zeros",
+                   backend: str = "auto") -> torch.Tensor:
+    """Local sampling upsampler, the family LDA-AQU, CARAFE, DySample and interpolation belong to:
+
+        out[b, c, Y, X] = sum_n w[b, h, n, Y, X] * bilinear(v[b, c], p[b, g, n, Y, X])
+
+    for output pixel (Y, X), channel c in offset group g = c // (C/G) and head h = c // (C/nh).
+
+    Positions p (in input pixels) by `coords`, with d = base grid (kernel_size) + offset:
+        "align_corners": ((Y + dy) * (H-1)/(Ho-1), (X + dx) * (W-1)/(Wo-1)): offsets in output pixels,
+                         ratio 0 for a one-pixel output (LDA-AQU; F.interpolate bilinear, align_corners=True);
+        "half_pixel":    ((Y + 0.5) * H/Ho - 0.5 + dy, ...): offsets in input pixels (DySample;
+                         F.interpolate bilinear, align_corners=False);
+        "nearest":       (floor(Y * H/Ho) + dy, ...): the source pixel F.interpolate(mode="nearest") picks,
+                         offsets in input pixels (CARAFE).
+    `padding`: "zeros" reads 0 outside the map, "border" clips the position to it (grid_sample's modes).
+
+    Weights w, one of: softmax_n(scale * q . (k_n + rpb_n)) per head (q and k given: LDA-AQU),
+    softmax_n(logits) (CARAFE's kernels), the given weights, or 1 for every sample (DySample,
+    interpolation).
+
+    Args:
+        v: [B, C, H, W] values.
+        size: (Ho, Wo).
+        offset: [B, G*2*K, Ho, Wo] or None; channel g*2K + 2n is the y and +1 the x displacement of
+            neighbour n of group g.
+        q: [B, D, Ho, Wo] and k: [B, D, H, W]; rpb: [nh, K, D//nh] added to the sampled keys.
+        logits, weights: [B, nh, K, Ho, Wo].
+        kernel_size: k adds the k x k window (i - k//2, j - k//2) to neighbour n = i*k + j; None adds nothing.
+        num_groups: G, read from offset when None. num_heads: nh (logits and weights carry their own).
+        scale: logit scale, (D//nh) ** -0.5 by default.
+        backend: "auto" (Triton on CUDA, else the torch path), "triton", "torch" or "reference".
+
+    Returns:
+        [B, C, Ho, Wo] in v's dtype (the autocast dtype under autocast).
+    """
+    if isinstance(v, torch.Tensor) and torch.is_autocast_enabled(v.device.type):
+        dt = torch.get_autocast_dtype(v.device.type)
+        v, offset, q, k, rpb, logits, weights = (
+            t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (v, offset, q, k, rpb, logits, weights))
+    G, nh, K = _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads,
+                              coords, padding)
+    if q is None:
+        scale = 1.0
+    elif scale is None:
+        scale = (q.shape[1] // nh) ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return _run(backend, v, tuple(size), offset, q, k, rpb, logits, weights, kernel_size, G, nh, float(scale), coords,
+                padding)
+
+
+def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
+    chosen = select_backend(backend, v)
+    if chosen == "reference":
+        return local_upsample_ref(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
+                                  kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
+                                  padding=padding)
+    if chosen == "torch":
+        from .torch_path import local_upsample_torch
+        return local_upsample_torch(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
+                                    kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
+                                    padding=padding)
+    from .function import local_upsample_triton
+    return local_upsample_triton(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
+                                 kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
+                                 padding=padding)
+
+
 def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor,
                                rpb: Optional[torch.Tensor] = None, *, num_heads: int = 1,
                                num_groups: Optional[int] = None, scale: Optional[float] = None,
                                backend: str = "auto") -> torch.Tensor:
-    """Offset-sampled neighbour gathering and softmax aggregation (LDA-AQU steps 4-5).
+    """Offset-sampled neighbour gathering and softmax aggregation (LDA-AQU steps 4-5): `local_upsample`
+    with attention weights, align-corners positions and zero padding.
 
     Args:
         q: [B, D, Ho, Wo] queries at output resolution.
@@ -117,7 +309,7 @@ def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         num_heads: nh; must divide D and C.
         num_groups: G; inferred from offset (and rpb) when None, with an error if ambiguous.
         scale: logit scale, (D//nh) ** -0.5 by default.
-        backend: "auto" (Triton for CUDA tensors, the eager reference otherwise), "triton", "reference".
+        backend: "auto" (Triton for CUDA tensors, else the torch path), "triton", "torch", "reference".
 
     Returns:
         [B, C, Ho, Wo] in the inputs' dtype (the autocast dtype under autocast).
@@ -132,9 +324,5 @@ def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scale = (q.shape[1] // num_heads) ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if select_backend(backend, q) == "reference":
-        return deformable_local_attention_ref(q, k, v, offset, rpb, num_heads=num_heads, num_groups=G,
-                                              scale=float(scale))
-    from .function import DeformableLocalAttentionFunction
-    need_attn = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, offset, rpb))
-    return DeformableLocalAttentionFunction.apply(q, k, v, offset, rpb, num_heads, G, float(scale), need_attn)
+    return _run(backend, v, tuple(q.shape[-2:]), offset, q, k, rpb, None, None, None, G, num_heads, float(scale),
+                "align_corners", "zeros")

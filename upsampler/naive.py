@@ -1,10 +1,17 @@
-"""Eager reference of the core op: the math of SPEC.md steps 4-5, written to be read.
+"""Eager reference of the core op, written to be read: the tests' oracle.
 
-It materialises the K sampled copies of k and v (what the kernels avoid) and is the oracle of
-the tests and the CPU backend. Autograd flows through it, offsets included.
+    out[b, c, Y, X] = sum_n w[b, head(c), n, Y, X] * bilinear(v[b, c], position(group(c), n, Y, X))
+
+It materialises the K sampled copies of the values (and keys), which the kernels and the torch
+path avoid. Autograd flows through it, offsets included. LDA-AQU is the case of attention weights
+(softmax of q . (k + rpb) over the K samples) with align-corners positions; CARAFE, DySample and
+plain interpolation are other choices of positions and weights (see `local_upsample`).
 """
 import torch
 from einops import rearrange
+
+COORDS = ("align_corners", "half_pixel", "nearest")
+PADDINGS = ("zeros", "border")
 
 
 def align_corners_ratio(n_in: int, n_out: int) -> float:
@@ -12,12 +19,57 @@ def align_corners_ratio(n_in: int, n_out: int) -> float:
     return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
 
 
-def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-    """grid_sample(align_corners=True, padding_mode='zeros') at input-pixel coordinates.
+def base_grid(kernel_size, dtype=torch.float64, device=None) -> torch.Tensor:
+    """[K, 2] (dy, dx) of neighbour n = i*k + j: (i - k//2, j - k//2); [[0, 0]] when kernel_size is None."""
+    k = kernel_size or 1
+    r = torch.arange(k, dtype=dtype, device=device) - k // 2
+    return torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(k * k, 2) * (kernel_size is not None)
 
-    feat [B, G, c, H, W]; iy, ix [B, G, K, Ho, Wo] -> [B, G, K, c, Ho, Wo]. NaN positions give NaN.
+
+def output_grid(n_in: int, n_out: int, coords: str, dtype, device) -> tuple[torch.Tensor, float]:
+    """(origin, unit): the input coordinate of each output row (or column) before any offset, and what
+    one offset unit is worth in input pixels. position = (Y + offset) * unit for align_corners (offsets
+    in output pixels), origin(Y) + offset otherwise (offsets in input pixels)."""
+    ys = torch.arange(n_out, device=device)
+    if coords == "align_corners":
+        return ys.to(dtype), align_corners_ratio(n_in, n_out)
+    if coords == "half_pixel":  # F.interpolate(align_corners=False), grid_sample(align_corners=False)
+        return (ys.to(dtype) + 0.5) * (n_in / n_out) - 0.5, 1.0
+    # nearest source pixel as F.interpolate(mode="nearest") picks it: float32 ratio, floor, clamp
+    ratio = torch.tensor(n_in, dtype=torch.float32) / n_out
+    return (ys.float() * ratio).floor().clamp(max=n_in - 1).to(dtype), 1.0
+
+
+def positions(offset, size, in_size, *, kernel_size, num_groups, coords, dtype, device):
+    """Sample positions in input pixels, (iy, ix) each [B or 1, G, K, Ho, Wo]. offset [B, G*2K, Ho, Wo]
+    (channel g*2K + 2n the y, +1 the x of neighbour n of group g) or None."""
+    (Ho, Wo), (H, W) = size, in_size
+    grid = base_grid(kernel_size, dtype, device)  # [K, 2]
+    disp = rearrange(grid, "k two -> two () () k () ()")
+    if offset is not None:
+        disp = disp + rearrange(offset, "b (g k two) h w -> two b g k h w", g=num_groups, two=2)
+    (y0, uy), (x0, ux) = output_grid(H, Ho, coords, dtype, device), output_grid(W, Wo, coords, dtype, device)
+    y0, x0 = y0.view(Ho, 1), x0.view(1, Wo)
+    if coords == "align_corners":  # displaced in the output frame, then mapped (LDA-AQU)
+        return (y0 + disp[0]) * uy, (x0 + disp[1]) * ux
+    return y0 + disp[0], x0 + disp[1]
+
+
+def _clamp(i, hi):
+    # grid_sample's padding_mode="border": the coordinate is clipped, with zero gradient at and past the edge
+    return torch.where(i <= 0, torch.zeros_like(i), torch.where(i >= hi, torch.full_like(i, hi), i))
+
+
+def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """grid_sample(mode='bilinear') at input-pixel coordinates, zeros or border padding.
+
+    feat [B, G, c, H, W]; iy, ix [B or 1, G, K, Ho, Wo] -> [B, G, K, c, Ho, Wo]. NaN positions give NaN.
     """
     B, G, c, H, W = feat.shape
+    iy, ix = torch.broadcast_tensors(iy, ix)
+    iy, ix = iy.expand(B, G, *iy.shape[2:]), ix.expand(B, G, *ix.shape[2:])
+    if padding == "border":
+        iy, ix = _clamp(iy, H - 1), _clamp(ix, W - 1)
     K, Ho, Wo = iy.shape[2:]
     flat = rearrange(feat, "b g c h w -> b g () c (h w)").expand(B, G, K, c, H * W)
     y0, x0 = iy.floor(), ix.floor()
@@ -35,28 +87,42 @@ def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor) -> t
     return out
 
 
+def local_upsample_ref(v, size, *, offset=None, q=None, k=None, rpb=None, logits=None, weights=None,
+                       kernel_size=None, num_groups: int = 1, num_heads: int = 1, scale: float = 1.0,
+                       coords: str = "align_corners", padding: str = "zeros"):
+    """v [B, C, H, W] -> [B, C, Ho, Wo]; the arguments are those of `upsampler.local_upsample`, checked.
+
+    Weights, per head h and neighbour n: softmax_n(scale * q . (k_n + rpb_n)) when q and k are given,
+    softmax_n(logits) when logits [B, nh, K, Ho, Wo] are, the given weights [B, nh, K, Ho, Wo], or 1."""
+    B, C, H, W = v.shape
+    G, nh = num_groups, num_heads
+    iy, ix = positions(offset, size, (H, W), kernel_size=kernel_size, num_groups=G, coords=coords,
+                       dtype=v.dtype, device=v.device)
+
+    def sample(x):  # [B, ch, H, W] -> [B, nh, K, ch // nh, Ho, Wo], each group at its own positions
+        s = bilinear_sample(rearrange(x, "b (g c) h w -> b g c h w", g=G), iy, ix, padding)
+        return rearrange(s, "b g k c h w -> b k (g c) h w").unflatten(2, (nh, -1)).transpose(1, 2)
+
+    vs = sample(v)
+    if q is not None:
+        ks = sample(k)
+        if rpb is not None:
+            ks = ks + rearrange(rpb, "nh k c -> () nh k c () ()")
+        qh = rearrange(q, "b (nh c) h w -> b nh c h w", nh=nh)
+        weights = torch.einsum("bhcyx,bhkcyx->bhkyx", qh * scale, ks).softmax(dim=2)
+    elif logits is not None:
+        weights = logits.softmax(dim=2)
+    if weights is None:
+        out = vs.sum(2)
+    else:
+        out = torch.einsum("bhkyx,bhkcyx->bhcyx", weights, vs)
+    return rearrange(out, "b nh c h w -> b (nh c) h w")
+
+
 def deformable_local_attention_ref(q, k, v, offset, rpb=None, *, num_heads: int = 1, num_groups: int,
                                    scale: float):
     """q [B, D, Ho, Wo], k [B, D, H, W], v [B, C, H, W], offset [B, G*2K, Ho, Wo] (output pixels,
     base grid included; channel 2n is y and 2n+1 is x of neighbour n), rpb [nh, K, D//nh] or None
     -> [B, C, Ho, Wo]."""
-    B, D, Ho, Wo = q.shape
-    H, W = v.shape[-2:]
-    G = num_groups
-    off = rearrange(offset, "b (g k two) h w -> two b g k h w", g=G, two=2)
-    ys = torch.arange(Ho, device=q.device, dtype=off.dtype).view(Ho, 1)
-    xs = torch.arange(Wo, device=q.device, dtype=off.dtype).view(1, Wo)
-    iy = (ys + off[0]) * align_corners_ratio(H, Ho)
-    ix = (xs + off[1]) * align_corners_ratio(W, Wo)
-
-    def sample(x):  # [B, ch, H, W] -> [B, nh, K, ch // nh, Ho, Wo], each group at its own offsets
-        s = bilinear_sample(rearrange(x, "b (g c) h w -> b g c h w", g=G), iy, ix)
-        return rearrange(s, "b g k c h w -> b k (g c) h w").unflatten(2, (num_heads, -1)).transpose(1, 2)
-
-    ks, vs = sample(k), sample(v)
-    if rpb is not None:
-        ks = ks + rearrange(rpb, "nh k c -> () nh k c () ()")
-    qh = rearrange(q, "b (nh c) h w -> b nh c h w", nh=num_heads)
-    attn = torch.einsum("bhcyx,bhkcyx->bhkyx", qh * scale, ks).softmax(dim=2)
-    out = torch.einsum("bhkyx,bhkcyx->bhcyx", attn, vs)
-    return rearrange(out, "b nh c h w -> b (nh c) h w")
+    return local_upsample_ref(v, tuple(q.shape[-2:]), offset=offset, q=q, k=k, rpb=rpb, num_groups=num_groups,
+                              num_heads=num_heads, scale=scale)
