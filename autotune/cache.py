@@ -58,7 +58,7 @@ def bucket(pb: Problem, dtype: torch.dtype, backward: bool) -> str:
     """The key of an entry: what the kernel is specialised on, and the output size to a power of 2."""
     size = 2 ** math.ceil(math.log2(max(pb.Ho * pb.Wo, 1)))
     return (f"{'bwd' if backward else 'fwd'}|{DTYPES.get(dtype, str(dtype))}|D{pb.D}|C{pb.C}|G{pb.G}|NH{pb.NH}"
-            f"|K{pb.K}|P{size}")
+            f"|K{pb.K}|{pb.weights}|P{size}")
 
 
 def _read(path: Path) -> dict:

@@ -18,19 +18,20 @@ import sys
 import tempfile
 from typing import NamedTuple, Optional
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.deformable_local_attention import dla_bwd_kernel, dla_bwd_kv_gather_kernel, dla_fwd_kernel
+from kernels.local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_fwd_kernel
 from kernels.launchers import INTERPRET, Config, Problem
 
 _TL = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "fp64": tl.float64}
 # pointer arguments that are not feature maps
-_INDEX_PTRS = {"row_ptr": "*i64", "src_p": "*i32", "src_n": "*i32"}
+_INDEX_PTRS = {"row_ptr": "*i64", "src_p": "*i32", "src_n": "*i32", "tgt": "*i32"}
 # accumulation-dtype buffers
-_ACC_PTRS = {"attn", "doff", "drpb", "ds", "dk", "dv", "src_w"}
+_ACC_PTRS = {"attn", "doff", "drpb", "ds", "dk", "dv", "src_w", "dwts", "cw"}
 
 
 class Report(NamedTuple):
@@ -62,15 +63,19 @@ def constexprs(kind: str, pb: Problem, cfg: Config, dtype: str, int64: bool = Fa
     acc = tl.float64 if dtype == "fp64" else tl.float32
     shape = dict(D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K)
     if kind == "gather":
-        return dict(shape, BLOCK_E=32, BLOCK_D=min(cfg.block_d * 2, triton.next_power_of_2(pb.D // pb.G)),
+        return dict(shape, HAS_W=True, HAS_K=True, BLOCK_E=32,
+                    BLOCK_D=min(cfg.block_d * 2, triton.next_power_of_2(pb.D // pb.G)),
                     BLOCK_C=min(cfg.block_c * 2, triton.next_power_of_2(pb.C // pb.G)), ACC=acc)
-    c = dict(shape, NH_PAD=triton.next_power_of_2(pb.NH), K_PAD=triton.next_power_of_2(pb.K),
-             BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d, BLOCK_C=cfg.block_c, HAS_RPB=True, INT64=int64, ACC=acc)
-    c.update(STORE_ATTN=True) if kind == "fwd" else c.update(ATOMIC=True)
+    from kernels.launchers import Spec, _constexprs
+    c = _constexprs(pb, Spec(pb.G, pb.NH, pb.K), cfg, torch.float64 if dtype == "fp64" else torch.float32,
+                    True, True, int64)
+    c.pop("num_warps"), c.pop("num_stages")
+    c.update(ACC=acc, FLAT_Q=True)
+    c.update(STORE_ATTN=True) if kind == "fwd" else c.update(ATOMIC=True, FLAT_DO=True)
     return c
 
 
-KERNELS = {"fwd": dla_fwd_kernel, "bwd": dla_bwd_kernel, "gather": dla_bwd_kv_gather_kernel}
+KERNELS = {"fwd": upsample_fwd_kernel, "bwd": upsample_bwd_kernel, "gather": upsample_bwd_gather_kernel}
 
 
 class Job(NamedTuple):

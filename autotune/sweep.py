@@ -11,7 +11,7 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 from triton.runtime.errors import OutOfResources
 
-from kernels.launchers import INTERPRET, Config, Problem, default_config, dla_bwd, dla_fwd
+from kernels.launchers import INTERPRET, Config, Problem, Spec, default_config, upsample_bwd, upsample_fwd
 from upsampler.naive import deformable_local_attention_ref
 
 from . import cache
@@ -59,14 +59,20 @@ def inputs(pb: Problem, dtype: torch.dtype, device: str, seed: int = 0):
 
 
 def _runner(pb: Problem, cfg: Config, x, backward: bool, dout=None):
-    """The launch to time (or check): forward, or backward from a saved attention."""
-    scale = (pb.D // pb.NH) ** -0.5
+    """The launch to time (or check): forward, or backward from a saved attention; results in the
+    order of x (q, k, v, offset, rpb)."""
+    q, k, v, off, rpb = x
+    size, spec = (pb.Ho, pb.Wo), Spec(pb.G, pb.NH, pb.K, scale=(pb.D // pb.NH) ** -0.5)
     if not backward:
-        return lambda: (dla_fwd(*x, pb.NH, pb.G, scale, config=cfg, need_attn=False)[0],)
-    _, attn = dla_fwd(*x, pb.NH, pb.G, scale)
+        return lambda: (upsample_fwd(v, size, spec, off, q, k, rpb, config=cfg, need_attn=False)[0],)
+    _, attn = upsample_fwd(v, size, spec, off, q, k, rpb)
     if dout is None:
-        dout = torch.randn(pb.B, pb.C, pb.Ho, pb.Wo, device=x[0].device).to(x[0].dtype)
-    return lambda: dla_bwd(dout, *x, attn, pb.NH, pb.G, scale, config=cfg)
+        dout = torch.randn(pb.B, pb.C, pb.Ho, pb.Wo, device=v.device).to(v.dtype)
+
+    def run():
+        dv, doff, dq, dk, drpb, _ = upsample_bwd(dout, v, size, spec, off, q, k, rpb, attn=attn, config=cfg)
+        return dq, dk, dv, doff, drpb
+    return run
 
 
 def _time(fn) -> float:

@@ -1,4 +1,5 @@
-"""Triton kernels for offset-sampled neighbour gathering and softmax aggregation, and their launchers."""
-from .launchers import INTERPRET, KERNEL_VERSION, Config, Problem, default_config, dla_bwd, dla_fwd
+"""Triton kernels for local sampling upsamplers (LDA-AQU, CARAFE, DySample, interpolation) and their launchers."""
+from .launchers import INTERPRET, KERNEL_VERSION, Config, Problem, Spec, default_config, upsample_bwd, upsample_fwd
 
-__all__ = ["INTERPRET", "KERNEL_VERSION", "Config", "Problem", "default_config", "dla_bwd", "dla_fwd"]
+__all__ = ["INTERPRET", "KERNEL_VERSION", "Config", "Problem", "Spec", "default_config", "upsample_bwd",
+           "upsample_fwd"]

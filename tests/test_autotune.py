@@ -160,17 +160,17 @@ def test_cli_rejects_bad_arguments(args, capsys):
 
 
 def fake_kernel(bias):
-    """dla_fwd as the reference plus `bias`: a fast stand-in for a right or a wrong kernel."""
-    def fwd(q, k, v, offset, rpb, nh, G, scale, config=None, need_attn=True):
+    """upsample_fwd as the reference plus `bias`: a fast stand-in for a right or a wrong kernel."""
+    def fwd(v, size, spec, offset, q, k, rpb, config=None, need_attn=True):
         ref = sweep.deformable_local_attention_ref(q.float(), k.float(), v.float(), offset.float(), rpb.float(),
-                                                   num_heads=nh, num_groups=G, scale=scale)
+                                                   num_heads=spec.NH, num_groups=spec.G, scale=spec.scale)
         return (ref + bias).to(q.dtype), None
     return fwd
 
 
 @pytest.mark.parametrize("bias", [0.0, 0.1])
 def test_sweep_keeps_only_what_matches_the_reference(fresh_cache, monkeypatch, bias):
-    monkeypatch.setattr(sweep, "dla_fwd", fake_kernel(bias))
+    monkeypatch.setattr(sweep, "upsample_fwd", fake_kernel(bias))
     pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
     rows = sweep.sweep([pb], ["fp32"], backward=False, quick=True)
     kept = cache.lookup(pb, torch.float32)
@@ -192,12 +192,13 @@ def test_reference_check_over_a_batch(K):
 def test_launcher_uses_the_cached_config(fresh_cache, monkeypatch):
     """On CUDA tensors the op asks the cache; what it gets is what the launcher runs."""
     import upsampler.function as function
+    from kernels.launchers import Spec
     seen = []
-    monkeypatch.setattr(function, "dla_fwd", lambda *a, config=None, **k: seen.append(config) or (a[0] + 1, None))
-    q = torch.randn(1, 4, 12, 12)
-    cache.store({cache.bucket(Problem.of(q, torch.randn(1, 16, 6, 6), torch.randn(1, 36, 12, 12), 2, 1),
-                              torch.float32, False): Config(16, 2, 8, 2, 1)})
+    monkeypatch.setattr(function, "upsample_fwd", lambda v, *a, config=None, **k: seen.append(config) or (v + 1, None))
+    q, v = torch.randn(1, 4, 12, 12), torch.randn(1, 16, 6, 6)
+    spec = Spec(2, 1, 9, scale=0.5)
+    cache.store({cache.bucket(Problem.of(v, (12, 12), q, spec), torch.float32, False): Config(16, 2, 8, 2, 1)})
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    function.dla_fwd_op(q, torch.randn(1, 4, 6, 6), torch.randn(1, 16, 6, 6), torch.randn(1, 36, 12, 12), None,
-                        1, 2, 0.5, False)
+    function.upsample_fwd_op(v, [12, 12], torch.randn(1, 36, 12, 12), q, torch.randn(1, 4, 6, 6), None, None,
+                             *spec, False)
     assert seen == [Config(16, 2, 8, 2, 1)]

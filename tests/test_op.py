@@ -41,11 +41,11 @@ def test_forward_matches_reference(case, dtype):
 @pytest.mark.parametrize("rpb", [True, False])
 def test_forward_int64_indexing_path(rpb):
     """The int64 offsets used past 2**31 elements compute the same thing (forced on a small map)."""
-    from kernels.launchers import dla_fwd
+    from kernels.launchers import Spec, upsample_fwd
     seed = fresh_seed()
     t, kw = make_problem(*CASES["default"], seed=seed, rpb=rpb)
-    out, attn = dla_fwd(t["q"], t["k"], t["v"], t["offset"], t["rpb"], kw["num_heads"], kw["num_groups"],
-                        (8 // kw["num_heads"]) ** -0.5, force_int64=True)
+    spec = Spec(kw["num_groups"], kw["num_heads"], 9, scale=(8 // kw["num_heads"]) ** -0.5)
+    out, attn = upsample_fwd(t["v"], t["q"].shape[2:], spec, t["offset"], t["q"], t["k"], t["rpb"], force_int64=True)
     ref = run(t, kw, "reference")
     assert rel_err(out, ref) < 1e-12, f"seed={seed}"
     assert torch.allclose(attn.sum(2), torch.ones(()).double())
