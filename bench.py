@@ -1,5 +1,6 @@
 """Throughput of LDA-AQU against kernel size and scale: the fused Triton op, the eager reference,
-torch.compile of the reference, and the whole module against the official-style module.
+torch.compile of the reference, and the whole module against the official-style module; CARAFE and
+DySample against their plain-PyTorch forms (unfold, grid_sample).
 
     python bench.py [--quick] [--out DIR] [--dtype fp32 bf16]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import itertools
 import os
 import re
 import time
@@ -28,11 +30,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import triton  # noqa: E402
 
-from upsampler import LDAAQU, deformable_local_attention  # noqa: E402
+from upsampler import CARAFE, LDAAQU, DySample, deformable_local_attention  # noqa: E402
 from upsampler.naive import deformable_local_attention_ref  # noqa: E402
 from upsampler.official import official_forward  # noqa: E402
+from upsampler.plain import carafe_forward, dysample_forward  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the baseline each case's speed-up is measured against
+BASELINES = {"op": "eager", "module": "official-style", "carafe": "unfold", "dysample": "grid_sample"}
 # memory: what autograd keeps for the backward (any device), and the CUDA peak of a whole step
 FIELDS = ["device", "torch", "triton", "date", "case", "backend", "direction", "dtype", "k_u", "scale", "B", "C",
           "H", "W", "ms", "mpix_per_s", "gb_per_s", "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes",
@@ -145,20 +150,46 @@ def cases(quick):
             yield "module", "official-style", k_u, s, module(True)
 
 
+def upsampler_cases(quick):
+    """CARAFE and DySample modules against their plain-PyTorch forms (upsampler/plain.py), the same
+    weights: (case, backend, k_u, scale, make) as cases(); k_u is CARAFE's up_kernel, 1 for DySample."""
+    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6)
+    dev = "cuda" if GPU else "cpu"
+    scales = [2] if quick else [2, 3]
+
+    def make_with(build, plain, s):
+        def make(dtype, grad):
+            m = build().to(dev, dtype)
+            x = torch.randn(B, C, H, W, device=dev, dtype=dtype, requires_grad=grad)
+            sd = m.state_dict(keep_vars=True)
+            return (lambda: plain(sd, x)) if plain else (lambda: m(x)), [x], B * C * H * s * W * s
+        return make
+    for s in scales:
+        for k in ([5] if quick else [3, 5, 7]):  # mmdet's FPN_CARAFE uses 5
+            def build(k=k, s=s):
+                return CARAFE(C, s, up_kernel=k, compressed_channels=64 if GPU else 8)
+            yield "carafe", "CARAFE", k, s, make_with(build, None, s)
+            yield "carafe", "unfold", k, s, make_with(
+                build, lambda sd, x, k=k, s=s: carafe_forward(sd, x, scale_factor=s, up_kernel=k), s)
+        yield "dysample", "DySample", 1, s, make_with(lambda s=s: DySample(C, s), None, s)
+        yield "dysample", "grid_sample", 1, s, make_with(
+            lambda s=s: DySample(C, s), lambda sd, x, s=s: dysample_forward(sd, x, scale=s), s)
+
+
 def run(quick, dtypes):
     meta = dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat())
     rows = []
-    for case, backend, k_u, s, make in cases(quick):
+    for case, backend, k_u, s, make in itertools.chain(cases(quick), upsampler_cases(quick)):
         for dt in dtypes:
             for backward in (False, True):
                 row = dict(meta, case=case, backend=backend, direction="fwd+bwd" if backward else "fwd", dtype=dt,
                            k_u=k_u, scale=s)
                 try:
                     fn, tensors, out_numel = make(DTYPES[dt], backward)
-                    row.update(B=tensors[0].shape[0], C=tensors[-1 if case == "module" else 2].shape[1],
-                               H=tensors[-1 if case == "module" else 2].shape[2],
-                               W=tensors[-1 if case == "module" else 2].shape[3])
+                    row.update(B=tensors[0].shape[0], C=tensors[2 if case == "op" else -1].shape[1],
+                               H=tensors[2 if case == "op" else -1].shape[2],
+                               W=tensors[2 if case == "op" else -1].shape[3])
                     ms, saved, peak = measure(fn, backward)
                     px = out_numel / row["C"]
                     floor = floor_bytes(tensors, out_numel, tensors[0].element_size(), backward)
@@ -200,7 +231,7 @@ def plot(rows, out, label):
             ax.legend(fontsize=7)
     paths.append(_save(fig, out, "throughput_vs_k_u.png"))
     # speed-up of each backend over the eager baseline of its case
-    base = {("op", "eager"), ("module", "official-style")}
+    base = set(BASELINES.items())
     fig, axes = plt.subplots(1, len(dirs), figsize=(7 * len(dirs), 4), squeeze=False)
     for j, d in enumerate(dirs):
         ax = axes[0][j]
@@ -211,7 +242,7 @@ def plot(rows, out, label):
             for g in groups:
                 t = {r["backend"]: r["ms"] for r in ok if r["direction"] == d and r["case"] == case
                      and (r["k_u"], r["scale"], r["dtype"]) == g}
-                ref = t.get("eager" if case == "op" else "official-style")
+                ref = t.get(BASELINES[case])
                 ys.append(ref / t[backend] if ref and backend in t else 0)
             ax.bar([x + n * 0.8 / len(others) for x in range(len(groups))], ys, width=0.8 / len(others),
                    label=f"{case}/{backend}")

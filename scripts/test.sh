@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the optional mm extra: the mmengine registry tests
+.venv/bin/python -c "import mmengine" 2>/dev/null || .venv/bin/pip install -q -e ".[mm]"
 .venv/bin/python -m pytest -q "$@"

@@ -39,3 +39,24 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref.norm().item()
     return (a - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def backends_under_test() -> tuple:
+    """The backends the upsampler tests run: $LDA_AQU_TEST_BACKENDS (comma-separated), else Triton and torch."""
+    return tuple(os.environ.get("LDA_AQU_TEST_BACKENDS", "triton,torch").split(","))
+
+
+def assert_matches_with_grads(got, ref, inputs: dict, seed: int, tol: float = 1e-10):
+    """got(inputs) against ref(inputs) in float64: the output (1e-12) and the gradient of every input
+    (tol) for the same random dout. inputs: name -> tensor; each function gets fresh leaves."""
+    results = []
+    for fn in (got, ref):
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in inputs.items()}
+        out = fn(leaves)
+        out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed)))
+        results.append((out.detach(), leaves))
+    (out, a), (expect, b) = results
+    assert out.shape == expect.shape and rel_err(out, expect) < 1e-12, f"seed={seed}"
+    for n in inputs:
+        assert a[n].grad is not None and rel_err(a[n].grad, b[n].grad) < tol, f"d{n}, seed={seed}"
+    return out

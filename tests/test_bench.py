@@ -14,8 +14,9 @@ def test_bench_quick_writes_csv_and_plots(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert {"device", "torch", "triton", "date", "backend", "direction", "k_u", "scale", "ms", "mpix_per_s",
             "gb_per_s", "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes", "status"} <= set(rows[0])
-    assert {r["backend"] for r in rows} == {"triton", "eager", "torch.compile", "LDAAQU", "official-style"}
-    assert {r["k_u"] for r in rows} == {"3", "5"} and all(r["status"] == "ok" for r in rows)
+    assert {r["backend"] for r in rows} == {"triton", "eager", "torch.compile", "LDAAQU", "official-style", "CARAFE",
+                                            "unfold", "DySample", "grid_sample"}
+    assert {r["k_u"] for r in rows} == {"1", "3", "5"} and all(r["status"] == "ok" for r in rows)
     assert all(float(r["ms"]) > 0 and r["device"] == "CPU (Triton interpreter)" for r in rows)
     # what autograd keeps: the fused op holds less than the eager op that materialises K copies
     saved = {(r["backend"], r["k_u"]): int(r["saved_for_backward_bytes"]) for r in rows if r["direction"] == "fwd+bwd"}

@@ -1,8 +1,15 @@
-"""LDA-AQU upsampler: module, functional op and its eager reference."""
+"""LDA-AQU upsampler and its family (CARAFE, DySample, interpolation) on one op; an FPN neck."""
+from .carafe import CARAFE
+from .dysample import DySample
+from .fpn import FPN
 from .functional import can_run_triton, deformable_local_attention, local_upsample, select_backend
+from .interpolation import interpolate
 from .module import LDAAQU, LayerNormProxy
 from .naive import deformable_local_attention_ref, local_upsample_ref
+from .registry import register_mmengine
 
-__all__ = ["LDAAQU", "LayerNormProxy", "deformable_local_attention", "deformable_local_attention_ref",
-           "local_upsample", "local_upsample_ref",
-           "can_run_triton", "select_backend"]
+__all__ = ["LDAAQU", "LayerNormProxy", "CARAFE", "DySample", "FPN", "interpolate",
+           "deformable_local_attention", "deformable_local_attention_ref", "local_upsample", "local_upsample_ref",
+           "can_run_triton", "select_backend", "register_mmengine"]
+
+register_mmengine()

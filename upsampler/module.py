@@ -28,9 +28,35 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def _odd_int(name: str, value) -> int:
+    if _positive_int(name, value) % 2 == 0:
+        raise ValueError(f"{name} must be odd (a centred window), got {value}")
+    return int(value)
+
+
+def _check_input(x, channels: int):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be (B, {channels}, H, W), got {tuple(x.shape)}")
+
+
+def _size_arg(size, default):
+    """A module's output size: `default` when size is None, else size checked as a pair of positive ints."""
+    if size is None:
+        return default
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 \
+            or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in size):
+        raise TypeError(f"size must be None or a pair of ints (h, w), got {size!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"size must be positive, got {tuple(size)}")
+    return tuple(size)
+
+
 class LDAAQU(nn.Module):
     """Learned upsampler: each output pixel attends, with its bilinearly upsampled query, to k_u x k_u
-    keys/values sampled around it at learned offsets. [B, C, H, W] -> [B, C, int(H*s), int(W*s)].
+    keys/values sampled around it at learned offsets. [B, C, H, W] -> [B, C, int(H*s), int(W*s)], or
+    [B, C, *size] for `forward(x, size=(h, w))` (the align-corners rule maps any size onto the input).
 
     Loads the official LDA_AQU state dict unchanged (strict=True).
     """
@@ -43,9 +69,8 @@ class LDAAQU(nn.Module):
         r = _positive_int("reduction_factor", reduction_factor)
         G = _positive_int("n_groups", n_groups)
         nh = _positive_int("num_heads", num_heads)
-        for name, val in (("k_u", k_u), ("k_e", k_e)):
-            if _positive_int(name, val) % 2 == 0:
-                raise ValueError(f"{name} must be odd (a centred window), got {val}")
+        _odd_int("k_u", k_u)
+        _odd_int("k_e", k_e)
         if isinstance(scale_factor, bool) or not isinstance(scale_factor, numbers.Real) \
                 or not math.isfinite(scale_factor) or scale_factor <= 0:
             raise ValueError(f"scale_factor must be a positive finite number, got {scale_factor!r}")
@@ -103,13 +128,10 @@ class LDAAQU(nn.Module):
     def output_size(self, H: int, W: int) -> tuple[int, int]:
         return int(H * self.scale_factor), int(W * self.scale_factor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        _check_input(x, self.in_channels)
         B, C, H, W = x.shape
-        Ho, Wo = self.output_size(H, W)
+        Ho, Wo = _size_arg(size, self.output_size(H, W))
         if min(B, H, W, Ho, Wo) < 1:
             raise ValueError(f"x of shape {tuple(x.shape)} at scale_factor={self.scale_factor} gives an empty "
                              f"output {(B, C, Ho, Wo)}")

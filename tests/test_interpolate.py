@@ -1,0 +1,33 @@
+"""Nearest and bilinear interpolation through the op against F.interpolate(size=...) in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_matches_with_grads, backends_under_test, fresh_seed
+from upsampler import interpolate
+
+BACKENDS = backends_under_test()
+MODES = [("nearest", None), ("bilinear", True), ("bilinear", False)]
+# from 5x7: non-integer up, exact x3, down, a one-row output
+SIZES = [(11, 13), (15, 21), (3, 4), (1, 9)]
+
+
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=[f"{m}-ac={a}" for m, a in MODES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_f_interpolate(backend, mode, align_corners):
+    seed = fresh_seed()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    for size in SIZES:
+        assert_matches_with_grads(lambda t: interpolate(t["x"], size, mode, align_corners, backend=backend),
+                                  lambda t: F.interpolate(t["x"], size=size, mode=mode, align_corners=align_corners),
+                                  dict(x=x), seed, tol=1e-12)
+
+
+def test_bad_arguments_raise():
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="mode"):
+        interpolate(x, (6, 6), "bicubic")
+    with pytest.raises(ValueError, match="align_corners"):
+        interpolate(x, (6, 6), "nearest", align_corners=False)
+    with pytest.raises(TypeError, match="size"):
+        interpolate(x, 6, "bilinear")
