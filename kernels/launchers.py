@@ -84,15 +84,17 @@ class Config:
 
 def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERPRET) -> Config:
     """Used when the tuning cache has no entry; chosen from ptxas reports of JIT-specialised compiles
-    (sm_90: no spills for k_u 1-9, nh up to 4, fp32/bf16/fp16; at the FPN P2 problem, gathers of 64
-    bits or wider and 4-wide reductions), not from timings. Four warps over a 16-pixel tile give each
-    thread 4+ contiguous channels of a corner; the forward's value chunk covers a 128-channel
-    segment, so each neighbour's position serves all of its channels."""
+    (sm_90: no spills for k_u 1-9, nh up to 4, fp32/bf16/fp16; at the FPN P2 problem, corner gathers
+    of 64 bits or wider and 4-wide reductions), not from timings. Each thread holds 4+ contiguous
+    channels of a corner; the forward's value chunk covers a 128-channel segment, so a neighbour's
+    position serves all of its channels (the backward, with twice the live tiles, takes 64)."""
     seg_d = triton.next_power_of_2(max(pb.widest_segment(pb.D), 1))
     seg_c = triton.next_power_of_2(pb.widest_segment(pb.C))
     if interpret:  # fewer, larger programs: the interpreter pays per program, not per lane
         return Config(block_p=128, block_d=seg_d, block_c=seg_c)
-    return Config(block_p=16, block_d=min(32, seg_d), block_c=min(64 if backward else 128, seg_c), num_warps=4)
+    if backward:
+        return Config(block_p=32, block_d=min(32, seg_d), block_c=min(64, seg_c), num_warps=8)
+    return Config(block_p=16, block_d=min(32, seg_d), block_c=min(128, seg_c), num_warps=4)
 
 
 def _acc(dtype: torch.dtype):
@@ -175,8 +177,10 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     instead of by atomics."""
     pb = Problem.of(v, size, q, spec)
     cfg = config or default_config(pb, backward=True)
-    v_in, k_in = v, k
-    k, v = _channels_last(k, cfg), _channels_last(v, cfg)
+    v_in, k_in, q_in = v, k, q
+    # q and dout channels-last too: they then load in the layout of the gathered corners they meet in
+    # the inner loops, instead of being converted there (through shared memory) once per neighbour
+    q, k, v, dout = (_channels_last(t, cfg) for t in (q, k, v, dout))
     off_c = offset.contiguous() if offset is not None else None
     acc_t, acc_tl = _acc(v.dtype)
     dev = v.device
@@ -184,7 +188,7 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     grid = _grid(pb, cfg)
     attention = spec.weights == "attention"
     saved = attn if spec.weights in ("attention", "logits") else wts.contiguous() if wts is not None else None
-    dq = torch.empty_like(q) if attention else None
+    dq = torch.empty_like(q_in) if attention else None
     doff = torch.empty(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=acc_t, device=dev) if offset is not None else None
     drpb = torch.empty(grid[0] * grid[1], pb.NH, pb.K, pb.D // pb.NH, dtype=acc_t, device=dev) \
         if rpb is not None else None

@@ -1,0 +1,120 @@
+"""`local_upsample` beyond LDA-AQU: every weight mode, coordinate rule and padding through the kernels
+against the eager reference (float64), the deterministic backward for each, and argument checks."""
+import pytest
+import torch
+
+from helpers import fresh_seed, rel_err
+from upsampler import local_upsample
+
+# name: (mode, coords, padding, offsets?, kernel_size, G, nh, K); C=8, 5x7 -> 10x13
+MODES = {
+    "logits, nearest, window (CARAFE)": ("logits", "nearest", "zeros", False, 3, 1, 2, 9),
+    "unit, half-pixel, border, offsets (DySample)": ("unit", "half_pixel", "border", True, None, 4, 1, 1),
+    "given weights, half-pixel, border, offsets": ("weights", "half_pixel", "border", True, None, 2, 4, 4),
+    "attention, nearest, window": ("attention", "nearest", "zeros", False, 3, 1, 2, 9),
+    "attention, align-corners, border, window + offsets": ("attention", "align_corners", "border", True, 3, 2, 1, 9),
+}
+
+
+def problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    B, C, D, H, W, Ho, Wo = 2, 8, 8, 5, 7, 10, 13
+
+    def randn(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+    t = {"v": randn(B, C, H, W)}
+    if offsets:
+        t["offset"] = randn(B, G * 2 * K, Ho, Wo, s=2.0)
+    if mode == "attention":
+        t.update(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W), rpb=randn(nh, K, D // nh, s=0.5))
+    elif mode in ("logits", "weights"):
+        t[mode] = randn(B, nh, K, Ho, Wo)
+    kw = dict(coords=coords, padding=padding, kernel_size=kernel_size, num_heads=nh,
+              num_groups=G if offsets else None)
+    return t, kw, (Ho, Wo)
+
+
+def run(t, kw, size, backend, dout, deterministic=False):
+    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in t.items()}
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        v = leaves["v"]
+        out = local_upsample(v, size, backend=backend, **{n: x for n, x in leaves.items() if n != "v"}, **kw)
+        out.backward(dout.to(out.dtype))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(x.grad is not None for x in leaves.values())
+    return out, {n: x.grad for n, x in leaves.items()}
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_mode_matches_reference_and_is_deterministic(name):
+    seed = fresh_seed()
+    t, kw, size = problem(*MODES[name], seed=seed)
+    dout = torch.randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    out, grads = run(t, kw, size, "triton", dout)
+    ref, ref_grads = run(t, kw, size, "reference", dout)
+    assert rel_err(out, ref) < 1e-12, f"seed={seed}"
+    for n in grads:
+        assert rel_err(grads[n], ref_grads[n]) < 1e-10, f"d{n}, seed={seed}"
+    first = run(t, kw, size, "triton", dout, deterministic=True)[1]
+    second = run(t, kw, size, "triton", dout, deterministic=True)[1]
+    for n in grads:
+        assert torch.equal(first[n], second[n]), f"d{n} differs between runs, seed={seed}"
+        assert rel_err(first[n], ref_grads[n]) < 1e-10, f"d{n}, seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_accumulates_in_fp32(dtype):
+    seed = fresh_seed()
+    t, kw, size = problem(*MODES["logits, nearest, window (CARAFE)"], seed=seed, dtype=dtype)
+    out = local_upsample(t.pop("v"), size, backend="triton", **t, **kw)
+    t64, _, _ = problem(*MODES["logits, nearest, window (CARAFE)"], seed=seed, dtype=dtype)
+    ref = local_upsample(t64.pop("v").double(), size, backend="reference", **{n: x.double() for n, x in t64.items()},
+                         **kw)
+    assert out.dtype == dtype and rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2), f"seed={seed}"
+
+
+def good(**change):
+    a = dict(v=torch.randn(1, 8, 4, 5), size=(8, 10), offset=torch.randn(1, 4, 8, 10), num_groups=2,
+             coords="half_pixel", padding="border", backend="triton")
+    a.update(change)
+    return a
+
+
+BAD = {
+    "v not a tensor": (dict(v=[1.0]), TypeError, "v must be a torch.Tensor"),
+    "v 3-D": (dict(v=torch.randn(8, 4, 5)), ValueError, "v must be 4-D"),
+    "size": (dict(size=(8,)), TypeError, "size must be a pair"),
+    "size float": (dict(size=(8.0, 10)), TypeError, "size must be a pair"),
+    "size zero": (dict(size=(0, 10)), ValueError, "empty input or output"),
+    "coords": (dict(coords="bicubic"), ValueError, "coords must be one of"),
+    "padding": (dict(padding="reflect"), ValueError, "padding must be one of"),
+    "offset size": (dict(offset=torch.randn(1, 4, 8, 9)), ValueError, "offset is"),
+    "offset dtype": (dict(offset=torch.randn(1, 4, 8, 10, dtype=torch.float64)), ValueError, "offset has dtype"),
+    "offset groups": (dict(num_groups=3), ValueError, "offset has 4 channels"),
+    "q without k": (dict(q=torch.randn(1, 4, 8, 10)), ValueError, "q and k go together"),
+    "rpb without q": (dict(rpb=torch.randn(1, 1, 4)), ValueError, "rpb is a bias"),
+    "two weightings": (dict(logits=torch.randn(1, 1, 1, 8, 10), weights=torch.randn(1, 1, 1, 8, 10)), ValueError,
+                       "at most one way"),
+    "logits 4-D": (dict(logits=torch.randn(1, 1, 8, 10)), ValueError, "logits must be 5-D"),
+    "logits K": (dict(logits=torch.randn(1, 1, 9, 8, 10)), ValueError, "offset has 4 channels"),
+    "weights heads": (dict(weights=torch.randn(1, 3, 1, 8, 10)), ValueError, "num_heads=3 must divide"),
+    "kernel_size even": (dict(kernel_size=2), ValueError, "kernel_size must be"),
+    "K without placement": (dict(offset=None, num_groups=None, logits=torch.randn(1, 1, 9, 8, 10)), ValueError,
+                            "neither offset nor kernel_size"),
+    "backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_argument_raises(name):
+    change, err, match = BAD[name]
+    a = good(**change)
+    with pytest.raises(err, match=match):
+        local_upsample(a.pop("v"), a.pop("size"), **a)
+
+
+def test_good_arguments_run():
+    a = good()
+    assert local_upsample(a.pop("v"), a.pop("size"), **a).shape == (1, 8, 8, 10)
