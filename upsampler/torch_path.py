@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .naive import base_grid, output_grid, positions
+from .naive import base_grid, output_grid
 
 Tensor = torch.Tensor
 
@@ -315,21 +315,28 @@ torch.library.register_autograd("lda_aqu::local_upsample_cpu", _grad, setup_cont
 def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
     """The same op as standard differentiable ops (grid_sample per neighbour): for export and devices
     other than the CPU. Samples are taken one neighbour at a time, but autograd keeps each one."""
-    B, C, H, W = v.shape
+    C, H, W = v.shape[1:]
     Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
-    iy, ix = positions(offset, size, (H, W), kernel_size=kernel_size, num_groups=G, coords=coords, dtype=v.dtype,
-                       device=v.device)
+    (y0, uy), (x0, ux) = output_grid(H, Ho, coords, v.dtype, v.device), output_grid(W, Wo, coords, v.dtype, v.device)
+    d = base_grid(kernel_size, v.dtype, v.device).view(1, 1, -1, 2, 1, 1)
+    if offset is not None:
+        d = offset.reshape(-1, G, K, 2, Ho, Wo) + d
+    iy, ix = y0.view(Ho, 1) + d[:, :, :, 0], x0.view(1, Wo) + d[:, :, :, 1]
+    if coords == "align_corners":
+        iy, ix = iy * uy, ix * ux
     # align_corners=False normalisation: no division by a size minus one
-    grid = torch.stack([(2 * ix + 1) / W - 1, (2 * iy + 1) / H - 1], -1).expand(B, G, K, Ho, Wo, 2)
+    grid = torch.stack([(2 * ix + 1) / W - 1, (2 * iy + 1) / H - 1], -1)  # [B or 1, G, K, Ho, Wo, 2]
+    if offset is None:
+        grid = grid.expand(v.shape[0], G, K, Ho, Wo, 2)
 
     def sample(x, n):  # [B, ch, H, W] -> [B, nh, ch // nh, Ho, Wo], each group at its own positions
-        s = F.grid_sample(x.reshape(B * G, -1, H, W), grid[:, :, n].reshape(B * G, Ho, Wo, 2), mode="bilinear",
-                          padding_mode=padding, align_corners=False)
-        return s.reshape(B, nh, -1, Ho, Wo)
+        s = F.grid_sample(x.reshape(-1, x.shape[1] // G, H, W), grid[:, :, n].reshape(-1, Ho, Wo, 2),
+                          mode="bilinear", padding_mode=padding, align_corners=False)
+        return s.reshape(-1, nh, x.shape[1] // nh, Ho, Wo)
 
     if q is not None:
-        qh = q.reshape(B, nh, -1, Ho, Wo) * scale
+        qh = q.reshape(-1, nh, q.shape[1] // nh, Ho, Wo) * scale
         logit = [(qh * sample(k, n)).sum(2) for n in range(K)]
         if rpb is not None:
             logit = [lg + torch.einsum("bhcyx,hc->bhyx", qh, rpb[:, n]) for n, lg in enumerate(logit)]
@@ -339,7 +346,7 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     out = 0
     for n in range(K):
         out = out + (sample(v, n) if weights is None else weights[:, :, n, None] * sample(v, n))
-    return out.reshape(B, C, Ho, Wo)
+    return out.reshape(-1, C, Ho, Wo)
 
 
 def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
