@@ -31,8 +31,8 @@ def select_backend(backend: str, *tensors: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if is_exporting():  # exporters lower standard ops only: not the Triton custom op, not the CPU one
         return "torch"
-    if backend == "reference":
-        return "reference"
+    if backend in ("reference", "torch"):
+        return backend
     refusal = can_run_triton(*tensors)
     if backend == "triton":
         if refusal:
