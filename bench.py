@@ -248,8 +248,8 @@ def run_cpu(quick, threads):
                 px = x.shape[0] * 4 * x.shape[2] * x.shape[3]
                 with torch.no_grad():
                     outputs[backend] = fn().detach()
-                    m.backend = "reference"  # the eager float64 reference, same weights
-                    ref = m.double()(x.detach().double())
+                    m.backend = "reference"  # the eager reference, same weights and precision
+                    ref = m(x.detach())
                 err = (outputs[backend].double() - ref).norm() / ref.norm()
                 peak = rss_peak(backend, backward, quick, threads) if "compile" not in backend else ""
                 row.update(ms=float(f"{ms:.4g}"), ms_median=float(f"{med:.4g}"), ms_max=float(f"{worst:.4g}"), reps=reps,
