@@ -2,11 +2,14 @@
 torch.compile of the reference, and the whole module against the official-style module; CARAFE and
 DySample against their plain-PyTorch forms (unfold, grid_sample).
 
-    python bench.py [--quick] [--out DIR] [--dtype fp32 bf16]
+    python bench.py [--quick] [--out DIR] [--dtype fp32 bf16] [--threads N]
 
 Writes bench.csv (one row per case, keyed by device, versions and date) and PNG plots into DIR
-(default results/<gpu name>/, results/cpu/ without a GPU) and prints a table. Without a GPU it runs a reduced comparison on tiny
-maps with the Triton kernels in the interpreter: that proves the command, not any speed.
+(default results/<gpu name>/, results/cpu/ without a GPU) and prints a table. Without a GPU it times
+the CPU path (backend="torch") on the issue's workload, LDAAQU(256) on 1x256x50x84 at x2, against the
+official-style module and torch.compile of it, with N threads (default 2): the minimum of several
+runs and their spread, what autograd keeps for the backward, and each case's RSS high-water mark
+measured in a fresh subprocess; and CARAFE and DySample (the torch path) against their plain forms.
 """
 from __future__ import annotations
 
@@ -14,15 +17,16 @@ import argparse
 import csv
 import datetime
 import itertools
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import torch
 
 GPU = torch.cuda.is_available()
-if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import matplotlib  # noqa: E402
 
@@ -41,15 +45,15 @@ BASELINES = {"op": "eager", "module": "official-style", "carafe": "unfold", "dys
 # memory: what autograd keeps for the backward (any device), and the CUDA peak of a whole step
 FIELDS = ["device", "torch", "triton", "date", "case", "backend", "direction", "dtype", "k_u", "scale", "B", "C",
           "H", "W", "ms", "mpix_per_s", "gb_per_s", "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes",
-          "status"]
+          "status", "reps", "ms_median", "ms_max", "peak_rss_bytes", "rel_err"]
 
 
 def device_name() -> str:
-    return torch.cuda.get_device_name() if GPU else "CPU (Triton interpreter)"
+    return torch.cuda.get_device_name() if GPU else f"CPU, {torch.get_num_threads()} threads"
 
 
 def device_slug() -> str:
-    """results/<slug>: the GPU's name; "cpu" (git-ignored: interpreter timings are not results) otherwise."""
+    """results/<slug>: the GPU's name; "cpu" (git-ignored) otherwise."""
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") if GPU else "cpu"
 
 
@@ -153,7 +157,7 @@ def cases(quick):
 def upsampler_cases(quick):
     """CARAFE and DySample modules against their plain-PyTorch forms (upsampler/plain.py), the same
     weights: (case, backend, k_u, scale, make) as cases(); k_u is CARAFE's up_kernel, 1 for DySample."""
-    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6)
+    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6) if quick else (1, 64, 50, 84)
     dev = "cuda" if GPU else "cpu"
     scales = [2] if quick else [2, 3]
 
@@ -176,20 +180,147 @@ def upsampler_cases(quick):
             lambda s=s: DySample(C, s), lambda sd, x, s=s: dysample_forward(sd, x, scale=s), s)
 
 
-def run(quick, dtypes):
+# ---- CPU: the torch path on the issue's workload, against the official-style module --------------
+
+def cpu_cases(quick):
+    """(backend, make) where make(grad) -> (fn, x, module); one shared set of official-keyed weights."""
+    C, H, W = (64, 20, 24) if quick else (256, 50, 84)
+    kw = dict(scale_factor=2, n_groups=2, num_heads=1, k_u=3)
+
+    def module():
+        torch.manual_seed(0)
+        m = LDAAQU(C, reduction_factor=4, backend="torch", **kw)
+        with torch.no_grad():  # trained-like offsets, not the zero-initialised plain grid
+            m.conv_offset[-1].weight.normal_(0, 0.05)
+        return m
+
+    def make(which):
+        def build(grad):
+            m = module()
+            x = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(1), requires_grad=grad)
+            if which == "LDAAQU":
+                return (lambda: m(x)), x, m
+            sd = dict(m.named_parameters())
+            f = official_forward if which == "official-style" else compiled_official()
+            return (lambda: f(sd, x, dtype=torch.float32, **kw)), x, m
+        return build
+    yield "LDAAQU", make("LDAAQU")
+    yield "official-style", make("official-style")
+    if not quick:  # inductor compiles C++ for minutes on 2 cores
+        yield "official-style+compile", make("compile")
+
+
+_COMPILED = []
+
+
+def compiled_official():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(official_forward))
+    return _COMPILED[0]
+
+
+def step(fn, backward):
+    if not backward:
+        with torch.no_grad():
+            return fn()
+    out = fn()
+    out.sum().backward()
+    return out
+
+
+def measure_cpu(fn, backward, reps):
+    """(ms min, median, max over reps after a warm-up; bytes autograd keeps for the backward)."""
+    storages = {}
+
+    def pack(x):  # one count per storage: views and expanded indices hold no memory of their own
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        step(fn, backward)  # also the warm-up: compilation, the allocator
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step(fn, backward)
+        times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return times[0], times[len(times) // 2], times[-1], (sum(storages.values()) if backward else "")
+
+
+def rss_peak(backend, backward, quick, threads):
+    """RSS high-water mark of one step, in a fresh process: VmHWM after the step minus VmRSS before it."""
+    cmd = [sys.executable, __file__, "--rss-of", backend, "--threads", str(threads)] + \
+        (["--backward"] if backward else []) + (["--quick"] if quick else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak"] if r.returncode == 0 else ""
+
+
+def _rss_child(backend, backward, quick):
+    def status(key):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+    fn, _, _ = dict(cpu_cases(quick))[backend](backward)
+    before = status("VmRSS:")
+    step(fn, backward)
+    print(json.dumps({"peak": status("VmHWM:") - before}))
+
+
+def run_cpu(quick, threads):
+    meta = dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat())
+    reps = 3 if quick else 7
+    rows, outputs = [], {}
+    for backend, make in cpu_cases(quick):
+        for backward in (False, True):
+            row = dict(meta, case="module", backend=backend, direction="fwd+bwd" if backward else "fwd", dtype="fp32",
+                       k_u=3, scale=2)
+            try:
+                fn, x, m = make(backward)
+                row.update(B=x.shape[0], C=x.shape[1], H=x.shape[2], W=x.shape[3])
+                ms, med, worst, saved = measure_cpu(fn, backward, reps)
+                px = x.shape[0] * 4 * x.shape[2] * x.shape[3]
+                with torch.no_grad():
+                    outputs[backend] = fn().detach()
+                    m.backend = "reference"  # the eager reference, same weights and precision
+                    ref = m(x.detach())
+                err = (outputs[backend].double() - ref).norm() / ref.norm()
+                peak = rss_peak(backend, backward, quick, threads) if "compile" not in backend else ""
+                row.update(ms=float(f"{ms:.4g}"), ms_median=float(f"{med:.4g}"), ms_max=float(f"{worst:.4g}"), reps=reps,
+                           mpix_per_s=float(f"{px / ms / 1e3:.4g}"), saved_for_backward_bytes=saved,
+                           peak_cuda_bytes="", peak_rss_bytes=peak, rel_err=f"{err:.2e}", status="ok")
+            except Exception as e:  # noqa: BLE001 - a compiler failure is a result
+                row.update(status=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            rows.append(row)
+            print(f"{backend:22} {row['direction']:7} min {row.get('ms', '-')} ms (median {row.get('ms_median', '-')}, "
+                  f"max {row.get('ms_max', '-')}, {reps} runs)  saved {row.get('saved_for_backward_bytes') or '-'} B  "
+                  f"RSS peak {row.get('peak_rss_bytes') or '-'} B  rel err {row.get('rel_err', '-')}  "
+                  f"{row['status'][:60]}", flush=True)
+    by = {(r["backend"], r["direction"]): r for r in rows if r["status"] == "ok"}
+    for d in ("fwd", "fwd+bwd"):
+        ours, base = by.get(("LDAAQU", d)), by.get(("official-style", d))
+        if ours and base:
+            line = f"{d}: LDAAQU is {base['ms'] / ours['ms']:.2f}x faster than official-style (min of {reps})"
+            if d == "fwd+bwd":
+                line += f"; keeps {base['saved_for_backward_bytes'] / ours['saved_for_backward_bytes']:.1f}x less" \
+                    " for the backward"
+            if ours["peak_rss_bytes"] and base["peak_rss_bytes"]:
+                line += f"; RSS peak {base['peak_rss_bytes'] / ours['peak_rss_bytes']:.1f}x lower"
+            print(line)
+    return rows
+
+
+def run(groups, dtypes):
+    """Time each (case, backend, k_u, scale, make) of `groups` in each dtype, forward and forward+backward."""
     meta = dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat())
     rows = []
-    for case, backend, k_u, s, make in itertools.chain(cases(quick), upsampler_cases(quick)):
+    for case, backend, k_u, s, make in groups:
         for dt in dtypes:
             for backward in (False, True):
                 row = dict(meta, case=case, backend=backend, direction="fwd+bwd" if backward else "fwd", dtype=dt,
                            k_u=k_u, scale=s)
                 try:
                     fn, tensors, out_numel = make(DTYPES[dt], backward)
-                    row.update(B=tensors[0].shape[0], C=tensors[2 if case == "op" else -1].shape[1],
-                               H=tensors[2 if case == "op" else -1].shape[2],
-                               W=tensors[2 if case == "op" else -1].shape[3])
+                    x = tensors[2 if case == "op" else -1]
+                    row.update(B=x.shape[0], C=x.shape[1], H=x.shape[2], W=x.shape[3])
                     ms, saved, peak = measure(fn, backward)
                     px = out_numel / row["C"]
                     floor = floor_bytes(tensors, out_numel, tensors[0].element_size(), backward)
@@ -253,14 +384,15 @@ def plot(rows, out, label):
     paths.append(_save(fig, out, "speedup.png"))
     # memory of a training step: what autograd keeps, and (on a GPU) the peak
     sel = [r for r in ok if r["direction"] == "fwd+bwd"]
-    columns = [c for c in ("saved_for_backward_bytes", "peak_cuda_bytes") if any(r[c] != "" for r in sel)]
+    columns = [c for c in ("saved_for_backward_bytes", "peak_cuda_bytes", "peak_rss_bytes")
+               if any(r.get(c, "") != "" for r in sel)]
     if columns:
         fig, axes = plt.subplots(1, len(columns), figsize=(8 * len(columns), 4), squeeze=False)
         keys = sorted({(r["case"], r["backend"]) for r in sel})
         groups = sorted({(r["k_u"], r["scale"], r["dtype"]) for r in sel})
         for ax, column in zip(axes[0], columns):
             for n, key in enumerate(keys):
-                ys = [next((int(r[column]) / 2**20 for r in sel if (r["case"], r["backend"]) == key
+                ys = [next((int(r.get(column) or 0) / 2**20 for r in sel if (r["case"], r["backend"]) == key
                             and (r["k_u"], r["scale"], r["dtype"]) == g), 0) for g in groups]
                 ax.bar([x + n * 0.8 / len(keys) for x in range(len(groups))], ys, width=0.8 / len(keys),
                        label=f"{key[0]}/{key[1]}")
@@ -286,16 +418,26 @@ def main():
     ap.add_argument("--out", default=None, help="results folder (default results/<device>)")
     ap.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
                     help="default: fp32 bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU comparison only)")
+    ap.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not GPU:
+        torch.set_num_threads(args.threads)
+    if args.rss_of:
+        return _rss_child(args.rss_of, args.backward, args.quick)
     dtypes = args.dtype or (["fp32", "bf16"] if GPU else ["fp32"])
     out = args.out or os.path.join("results", device_slug())
     os.makedirs(out, exist_ok=True)
-    rows = run(args.quick, dtypes)
+    if GPU:
+        rows = run(itertools.chain(cases(args.quick), upsampler_cases(args.quick)), dtypes)
+    else:
+        rows = run_cpu(args.quick, args.threads) + run(upsampler_cases(args.quick), dtypes)
     with open(os.path.join(out, "bench.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
-    label = device_name() if GPU else "CPU interpreter (not a timing)"
+    label = device_name()
     for p in [os.path.join(out, "bench.csv")] + plot(rows, out, label):
         print(f"wrote {p}")
     failed = [r for r in rows if r["status"] != "ok" and "OutOfMemory" not in r["status"]]

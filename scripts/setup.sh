@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 if command -v nvidia-smi >/dev/null 2>&1; then
     # a GPU machine keeps its own torch and triton builds
     [ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
-    .venv/bin/pip install -q -e ".[test,bench]"
+    .venv/bin/pip install -q -e ".[test,bench,onnx]"
 else
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/pip install -q -r requirements-cpu.txt

@@ -134,6 +134,8 @@ def test_module_gives_the_official_output(name):
     kw = dict(scale_factor=s, n_groups=G, num_heads=nh, k_u=k_u, rpb=rpb)
     with torch.no_grad():
         out_triton = m(x)
+        m.backend = "torch"
+        out_torch = m(x)
         m.backend = "reference"
         out_ref = m(x)
         out_ref64 = m.double()(x.double())
@@ -141,6 +143,7 @@ def test_module_gives_the_official_output(name):
     expect32 = official_forward(sd, x, dtype=torch.float32, **kw)
     assert rel_err(out_triton, expect32) < 1e-5, f"seed={seed}"
     assert rel_err(out_ref, expect32) < 1e-5, f"seed={seed}"
+    assert rel_err(out_torch, expect32) < 1e-5, f"seed={seed}"
     assert rel_err(out_ref64, official_forward(sd, x, **kw)) < 1e-12, f"seed={seed}"
 
 
@@ -156,7 +159,7 @@ def test_module_float64_through_triton():
 def test_module_gradients_match_reference(name):
     seed = fresh_seed()
     grads = {}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "torch", "reference"):
         m, x, _ = build(name, backend, seed, dtype=torch.float64)
         x.requires_grad_(True)
         out = m(x)
@@ -164,8 +167,9 @@ def test_module_gradients_match_reference(name):
         grads[backend] = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
         for n, g in grads[backend].items():
             assert g is not None, f"{backend}: no gradient for {n}"
-    for n, g in grads["triton"].items():
-        assert rel_err(g, grads["reference"][n]) < 1e-9, f"d{n}, seed={seed}"
+    for backend in ("triton", "torch"):
+        for n, g in grads[backend].items():
+            assert rel_err(g, grads["reference"][n]) < 1e-9, f"{backend}: d{n}, seed={seed}"
 
 
 def test_autocast_bf16():
@@ -186,9 +190,10 @@ def test_autocast_bf16():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
 
 
-def test_compiles_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiles_fullgraph(backend):
     seed = fresh_seed()
-    m, x, _ = build("defaults", "triton", seed, dtype=torch.float64)
+    m, x, _ = build("defaults", backend, seed, dtype=torch.float64)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # a graph break raises
     # aot_eager decomposes layer norm and GELU: rounding-level differences only (float64 keeps
     # them far below the tolerance)

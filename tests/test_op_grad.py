@@ -1,4 +1,4 @@
-"""The fused backward gives the eager reference's gradients for q, k, v, offset and rpb."""
+"""The Triton and torch backwards give the eager reference's gradients for q, k, v, offset and rpb."""
 import pytest
 import torch
 
@@ -34,14 +34,16 @@ def grads(t, kw, backend, dout, deterministic=False):
 # half types on two cases only: the interpreter is slow, and they share every code path
 PAIRS = [(c, d) for c in CASES for d in (torch.float64, torch.float32)] + [
     (c, d) for c in ("default", "heads cross groups unevenly") for d in (torch.float16, torch.bfloat16)]
+BACKENDS = ["triton", "torch"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case,dtype", PAIRS, ids=[f"{c}-{d}" for c, d in PAIRS])
-def test_backward_matches_reference(case, dtype):
+def test_backward_matches_reference(case, dtype, backend):
     seed = fresh_seed()
     t, kw = make_problem(*CASES[case], dtype=dtype, seed=seed, rpb=seed % 3 != 0)
     dout = torch.randn(t["q"].shape[0], t["v"].shape[1], *t["q"].shape[2:], dtype=torch.float64)
-    got = grads(t, kw, "triton", dout)
+    got = grads(t, kw, backend, dout)
     ref = grads(upcast(t), kw, "reference", dout)
     for n in got:
         assert got[n].dtype == dtype and got[n].shape == ref[n].shape
@@ -49,18 +51,20 @@ def test_backward_matches_reference(case, dtype):
         assert rel_err(got[n], ref[n]) < TOL[dtype], f"d{n}, seed={seed}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("G,nh,s", [(2, 1, 2), (4, 2, 1.5)])
-def test_gradcheck_float64(G, nh, s):
+def test_gradcheck_float64(G, nh, s, backend):
     seed = fresh_seed()
     t, kw = make_problem(1, 8, 8, 3, 4, s, G, nh, 3, seed=seed)
     inputs = tuple(t[n].requires_grad_(True) for n in NAMES)
 
     def f(*xs):
-        return deformable_local_attention(*xs, backend="triton", **kw)
+        return deformable_local_attention(*xs, backend=backend, **kw)
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True, atol=1e-7, rtol=1e-5), f"seed={seed}"
 
 
-def test_integer_positions_and_borders():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_positions_and_borders(backend):
     """Samples exactly on pixels and on the border (the kink of the bilinear weights): the kernel
     takes the same one-sided derivative as autograd through floor()."""
     seed = fresh_seed()
@@ -68,25 +72,27 @@ def test_integer_positions_and_borders():
     t, kw = make_problem(2, 8, 8, 5, 6, 1, 2, 2, 3, spread=2.5, integer=True, seed=seed)
     assert (t["offset"] == t["offset"].round()).all()
     dout = torch.randn(2, 8, 5, 6, dtype=torch.float64)
-    got, ref = grads(t, kw, "triton", dout), grads(t, kw, "reference", dout)
+    got, ref = grads(t, kw, backend, dout), grads(t, kw, "reference", dout)
     for n in got:
         assert rel_err(got[n], ref[n]) < 1e-10, f"d{n}, seed={seed}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_deterministic_mode_repeats_bit_for_bit(dtype):
+def test_deterministic_mode_repeats_bit_for_bit(dtype, backend):
     seed = fresh_seed()
     t, kw = make_problem(1, 8, 8, 4, 5, 1.5, 4, 2, 3, spread=4.0, dtype=dtype, seed=seed)
     dout = torch.randn(1, 8, *t["q"].shape[2:], dtype=dtype)
-    first = grads(t, kw, "triton", dout, deterministic=True)
-    second = grads(t, kw, "triton", dout, deterministic=True)
-    atomic = grads(t, kw, "triton", dout)
+    first = grads(t, kw, backend, dout, deterministic=True)
+    second = grads(t, kw, backend, dout, deterministic=True)
+    atomic = grads(t, kw, backend, dout)
     for n in first:
         assert torch.equal(first[n], second[n]), f"d{n} differs between runs, seed={seed}"
         assert rel_err(first[n], atomic[n]) < (1e-12 if dtype == torch.float64 else 1e-5), f"d{n}, seed={seed}"
 
 
-def test_saves_no_sampled_copies():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_no_sampled_copies(backend):
     """What autograd keeps is the inputs and the [B, nh, K, Ho, Wo] attention, not K copies of k, v."""
     seed = fresh_seed()
     t, kw = make_problem(1, 16, 32, 6, 6, 2, 2, 1, 5, seed=seed, dtype=torch.float32)
@@ -103,5 +109,5 @@ def test_saves_no_sampled_copies():
         return sum(seen.values())
     inputs_bytes = sum(x.numel() * x.element_size() for x in inputs)
     attn_bytes = 25 * 12 * 12 * 4
-    assert saved_bytes("triton") <= inputs_bytes + attn_bytes
-    assert saved_bytes("reference") > 5 * saved_bytes("triton")
+    assert saved_bytes(backend) <= inputs_bytes + attn_bytes
+    assert saved_bytes("reference") > 5 * saved_bytes(backend)

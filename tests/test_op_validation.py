@@ -63,11 +63,11 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(kernels.launchers, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         call(args())
-    assert call(args(backend="auto")).shape == (1, 16, 8, 10)  # auto takes the reference on CPU
+    assert call(args(backend="auto")).shape == (1, 16, 8, 10)  # auto takes the torch path on CPU
 
 
-def test_auto_picks_reference_on_cpu():
+def test_auto_picks_torch_on_cpu():
     from upsampler import select_backend
     t = torch.randn(1)
-    assert select_backend("auto", t) == "reference"
+    assert select_backend("auto", t) == "torch"
     assert select_backend("triton", t) == "triton"  # the interpreter is on in the tests

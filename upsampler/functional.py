@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .naive import COORDS, PADDINGS, local_upsample_ref
+from .torch_path import is_exporting, local_upsample_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -28,14 +29,16 @@ def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:
 def select_backend(backend: str, *tensors: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return "reference"
+    if is_exporting():  # exporters lower standard ops only: not the Triton custom op, not the CPU one
+        return "torch"
+    if backend in ("reference", "torch"):
+        return backend
     refusal = can_run_triton(*tensors)
     if backend == "triton":
         if refusal:
             raise ValueError(f"backend='triton' cannot run: {refusal}; use backend='reference' or 'auto'")
         return "triton"
-    return "triton" if tensors[0].is_cuda and refusal is None else "reference"
+    return "triton" if tensors[0].is_cuda and refusal is None else "torch"
 
 
 def _infer_groups(n_offset: int, D: int, C: int, rpb: Optional[torch.Tensor], num_groups: Optional[int]) -> int:
@@ -283,7 +286,6 @@ def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, G, n
                                   kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
                                   padding=padding)
     if chosen == "torch":
-        from .torch_path import local_upsample_torch
         return local_upsample_torch(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
                                     kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
                                     padding=padding)

@@ -126,7 +126,11 @@ class LDAAQU(nn.Module):
         nn.init.zeros_(self.conv_offset[-1].bias)
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
-        return int(H * self.scale_factor), int(W * self.scale_factor)
+        """(int(H*s), int(W*s)); symbolic sizes (export) stay symbolic: int() of one would bake it in."""
+        if isinstance(H, int) and isinstance(W, int):
+            return int(H * self.scale_factor), int(W * self.scale_factor)
+        num, den = float(self.scale_factor).as_integer_ratio()
+        return H * num // den, W * num // den
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         _check_input(x, self.in_channels)

@@ -1,0 +1,153 @@
+"""The torch path of local_upsample: every weight mode, coordinate rule and padding against the
+reference (forward and gradients, float64), its dtypes and saved memory, the plain graph it exports,
+and ONNX export of the module run by onnxruntime at other sizes."""
+import pytest
+import torch
+
+from helpers import fresh_seed, rel_err
+from upsampler import LDAAQU, local_upsample, select_backend
+from upsampler import torch_path
+
+# (B, C, H, W, size, G, nh, kernel_size): odd sizes, groups and heads crossing unevenly, Ho = 1
+GEOMETRY = {
+    "s2,G=3,nh=2": (2, 6, 5, 4, (10, 8), 3, 2, 3),
+    "s1.5,G=1,nh=1,k=5": (1, 4, 4, 5, (6, 7), 1, 1, 5),
+    "Ho=1,G=2,nh=4": (1, 8, 3, 6, (1, 9), 2, 4, 3),
+}
+MODES = ["attention", "logits", "weights", "none"]
+
+
+def problem(name, mode, seed, dtype=torch.float64, offsets=True):
+    B, C, H, W, size, G, nh, ks = GEOMETRY[name]
+    g = torch.Generator().manual_seed(seed)
+    K, D = ks * ks, 2 * C
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    t = dict(v=randn(B, C, H, W), offset=randn(B, G * 2 * K, *size) * 2 if offsets else None)
+    if mode == "attention":
+        t.update(q=randn(B, D, *size), k=randn(B, D, H, W), rpb=randn(nh, K, D // nh) * 0.5)
+    elif mode in ("logits", "weights"):
+        t[mode] = randn(B, nh, K, *size)
+    kw = dict(kernel_size=ks, num_groups=G if offsets else None, num_heads=nh if mode == "attention" else 1)
+    return t, size, kw
+
+
+def run(t, size, kw, backend, **extra):
+    t = dict(t)
+    return local_upsample(t.pop("v"), size, **t, **kw, backend=backend, **extra)
+
+
+def grads(t, size, kw, backend, dout, **extra):
+    t = {n: (x.detach().clone().requires_grad_(True) if x is not None else None) for n, x in t.items()}
+    run(t, size, kw, backend, **extra).backward(dout)
+    return {n: x.grad for n, x in t.items() if x is not None}
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("coords", ["align_corners", "half_pixel", "nearest"])
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_match_reference(mode, coords, padding):
+    seed = fresh_seed()
+    name = list(GEOMETRY)[seed % len(GEOMETRY)]
+    t, size, kw = problem(name, mode, seed)
+    extra = dict(coords=coords, padding=padding)
+    out, ref = run(t, size, kw, "torch", **extra), run(t, size, kw, "reference", **extra)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-12, f"{name}, seed={seed}"
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    got, expect = grads(t, size, kw, "torch", dout, **extra), grads(t, size, kw, "reference", dout, **extra)
+    for n in expect:
+        assert rel_err(got[n], expect[n]) < 1e-10, f"d{n}, {name}, seed={seed}"
+
+
+@pytest.mark.parametrize("mode", ["attention", "none"])
+def test_base_grid_without_offsets(mode):
+    seed = fresh_seed()
+    t, size, kw = problem("s2,G=3,nh=2", mode, seed, offsets=False)
+    assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12, f"seed={seed}"
+
+
+@pytest.mark.parametrize("mode", ["attention", "weights"])
+def test_gradcheck_float64(mode):
+    seed = fresh_seed()
+    t, size, kw = problem("Ho=1,G=2,nh=4", mode, seed)
+    names = [n for n, x in t.items() if x is not None]
+
+    def f(*xs):
+        return run(dict(t, **dict(zip(names, xs))), size, kw, "torch")
+    inputs = tuple(t[n].requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True, atol=1e-7, rtol=1e-5), f"seed={seed}"
+
+
+def test_bfloat16_accumulates_in_float32():
+    seed = fresh_seed()
+    t, size, kw = problem("s2,G=3,nh=2", "attention", seed, dtype=torch.bfloat16)
+    out = run(t, size, kw, "torch")
+    ref = run({n: x.double() for n, x in t.items()}, size, kw, "reference")
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1.6e-2, f"seed={seed}"
+    g = grads(t, size, kw, "torch", torch.randn(out.shape, dtype=torch.bfloat16))
+    assert all(x.dtype == torch.bfloat16 and torch.isfinite(x).all() for x in g.values())
+
+
+@pytest.mark.parametrize("mode", ["attention", "logits"])
+def test_saves_inputs_and_weights_only(mode):
+    seed = fresh_seed()
+    t, size, kw = problem("s2,G=3,nh=2", mode, seed, dtype=torch.float32)
+    t = {n: x.requires_grad_(True) for n, x in t.items()}
+    seen = {}
+
+    def pack(x):
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        run(t, size, kw, "torch")
+    B, nh, K = t["v"].shape[0], GEOMETRY["s2,G=3,nh=2"][6], 9
+    weights_bytes = B * nh * K * size[0] * size[1] * 4
+    assert sum(seen.values()) <= sum(x.numel() * 4 for x in t.values()) + weights_bytes
+
+
+def test_plain_graph_matches_reference():
+    """The graph taken under export and on devices other than the CPU (grid_sample per neighbour)."""
+    seed = fresh_seed()
+    for i, mode in enumerate(MODES):
+        name = list(GEOMETRY)[i % len(GEOMETRY)]
+        t, size, kw = problem(name, mode, seed)
+        G, nh = kw["num_groups"], 1 if mode == "none" else GEOMETRY[name][6]
+        for coords, padding in (("align_corners", "zeros"), ("half_pixel", "border")):
+            scale = (t["q"].shape[1] // nh) ** -0.5 if mode == "attention" else 1.0
+            out = torch_path._plain(t["v"], size, t["offset"], t.get("q"), t.get("k"), t.get("rpb"), t.get("logits"),
+                                    t.get("weights"), kw["kernel_size"], G, nh, scale, coords, padding)
+            ref = run(t, size, kw, "reference", coords=coords, padding=padding)
+            assert rel_err(out, ref) < 1e-10, f"{mode} {coords}, seed={seed}"
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch", "reference"])
+def test_every_backend_takes_the_plain_graph_while_exporting(backend, monkeypatch):
+    v = torch.randn(1)
+    assert select_backend(backend, v) == ("torch" if backend == "auto" else backend)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert select_backend(backend, v) == "torch"
+
+
+def test_onnx_export_runs_at_other_sizes(tmp_path):
+    """The ordinary torch.onnx.export call; onnxruntime at the export size and two others, batch
+    included, output size included (scale 1.5: int(H * s) must stay symbolic). The example batch is
+    2: torch.export fixes every dimension that is 1 in the example."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    m = LDAAQU(16, scale_factor=1.5, n_groups=2, num_heads=2, backend="triton").eval()  # Triton cannot export
+    torch.nn.init.normal_(m.conv_offset[-1].weight, std=0.1)
+    path = str(tmp_path / "lda_aqu.onnx")
+    torch.onnx.export(m, (torch.randn(2, 16, 6, 7),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    m.backend = "reference"
+    for shape in [(2, 16, 6, 7), (1, 16, 9, 5), (3, 16, 5, 12)]:
+        x = torch.randn(shape)
+        y = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        with torch.no_grad():
+            expect = m(x)
+        assert y.shape == expect.shape == (shape[0], 16, int(shape[2] * 1.5), int(shape[3] * 1.5))
+        assert (y - expect).abs().max() < 1e-4, f"{shape}, seed={seed}"
