@@ -1,7 +1,7 @@
 """Throughput of LDA-AQU against kernel size and scale: the fused Triton op, the eager reference,
 torch.compile of the reference, and the whole module against the official-style module.
 
-    python bench.py [--quick] [--out DIR] [--dtype fp32 bf16]
+    python bench.py [--quick] [--out DIR] [--dtype fp32 bf16] [--shape B C H W] [--kernel-sizes ..] [--scales ..]
 
 Writes bench.csv (one row per case, keyed by device, versions and date) and PNG plots into DIR
 (default results/<gpu name>/, results/cpu/ without a GPU) and prints a table. Without a GPU it runs a reduced comparison on tiny
@@ -100,16 +100,17 @@ def measure(fn, backward):
     return sorted(times)[len(times) // 2], saved, ""
 
 
-def cases(quick):
+def cases(quick, shape=None, kernel_sizes=None, scales=None):
     """(case, backend, k_u, scale, make) where make(dtype, grad) -> (fn, tensors, out_numel)."""
     # on the CPU, maps of one 128-pixel program at s=2: the interpreter pays per program
-    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6)
+    B, C, H, W = shape or ((2, 256, 100, 152) if GPU else (1, 16, 5, 6))
     G, nh, r = 2, 1, 4
     D = C // r
     if GPU:
-        kus, scales = ([3, 5], [2, 3]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+        kus, scales_ = ([3, 5], [2, 3]) if quick else ([3, 5, 7, 9], [2, 3, 4])
     else:
-        kus, scales = ([3, 5], [2]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+        kus, scales_ = ([3, 5], [2]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+    kus, scales = kernel_sizes or kus, scales or scales_
     compiled_ref = torch.compile(deformable_local_attention_ref)
     for k_u in kus:
         for s in scales:
@@ -145,11 +146,11 @@ def cases(quick):
             yield "module", "official-style", k_u, s, module(True)
 
 
-def run(quick, dtypes):
+def run(quick, dtypes, **grid):
     meta = dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat())
     rows = []
-    for case, backend, k_u, s, make in cases(quick):
+    for case, backend, k_u, s, make in cases(quick, **grid):
         for dt in dtypes:
             for backward in (False, True):
                 row = dict(meta, case=case, backend=backend, direction="fwd+bwd" if backward else "fwd", dtype=dt,
@@ -255,11 +256,27 @@ def main():
     ap.add_argument("--out", default=None, help="results folder (default results/<device>)")
     ap.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
                     help="default: fp32 bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--shape", type=int, nargs=4, metavar=("B", "C", "H", "W"),
+                    help="the input map (C divisible by 8); default 2 256 100 152 (FPN P2) on a GPU")
+    ap.add_argument("--kernel-sizes", type=int, nargs="+", metavar="K_U")
+    ap.add_argument("--scales", type=float, nargs="+", metavar="S")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit")
     args = ap.parse_args()
+    if args.shape and (min(args.shape) < 1 or args.shape[1] % 8):
+        ap.error(f"--shape needs positive sizes and C divisible by 8 (D = C/4 in 2 groups), got {args.shape}")
+    if args.kernel_sizes and any(k < 1 or k % 2 == 0 for k in args.kernel_sizes):
+        ap.error(f"--kernel-sizes must be odd and positive, got {args.kernel_sizes}")
+    if args.scales and min(args.scales) <= 0:
+        ap.error(f"--scales must be positive, got {args.scales}")
+    grid = dict(shape=args.shape, kernel_sizes=args.kernel_sizes, scales=args.scales)
     dtypes = args.dtype or (["fp32", "bf16"] if GPU else ["fp32"])
+    if args.list:
+        for case, backend, k_u, s, _ in cases(args.quick, **grid):
+            print(f"{case} {backend} k_u={k_u} s={s:g} {' '.join(dtypes)} fwd fwd+bwd")
+        return
     out = args.out or os.path.join("results", device_slug())
     os.makedirs(out, exist_ok=True)
-    rows = run(args.quick, dtypes)
+    rows = run(args.quick, dtypes, **grid)
     with open(os.path.join(out, "bench.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
