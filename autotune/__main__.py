@@ -146,8 +146,8 @@ def main(argv=None):
         if C % 4 or D % args.groups or C % args.groups or D % args.heads or C % args.heads:
             ap.error(f"C={C} must be a multiple of 4, and groups ({args.groups}) and heads ({args.heads}) must "
                      f"divide D=C/4={D} and C")
-        args.problems = [Problem(B, D, C, H, W, int(H * args.scale), int(W * args.scale), args.groups, args.heads, k * k)
-                         for k in args.kernel_sizes]
+        Ho, Wo = int(H * args.scale), int(W * args.scale)
+        args.problems = [Problem(B, D, C, H, W, Ho, Wo, args.groups, args.heads, k * k) for k in args.kernel_sizes]
     args.fn(args)
 
 

@@ -100,19 +100,24 @@ def shortfalls(r: Report) -> list[str]:
 
 # --- the launches -------------------------------------------------------------------------------
 
+def _inputs(pb: Problem, dtype: torch.dtype) -> list[torch.Tensor]:
+    """q, k, v, offset, rpb on the CPU in the problem's real shapes. Values do not matter, only
+    shapes, strides and alignment; offsets are zeros because the deterministic backward sorts by
+    the sample positions on the host."""
+    return [torch.empty(pb.B, pb.D, pb.Ho, pb.Wo, dtype=dtype), torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=dtype),
+            torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=dtype),
+            torch.zeros(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=dtype),
+            torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype)]
+
+
 def drive_launchers(pb: Problem, dtype: torch.dtype, config: Optional[Config], direction: str,
                     deterministic: bool = False, int64: bool = False) -> Iterator[Optional[str]]:
     """Everything here that knows the launchers' signatures (adapt it when they change): run one
     direction of the op through `kernels.launchers` on CPU tensors of the problem's real shapes,
-    yielding the phase of the launches made since the last yield. Values do not matter, only
-    shapes, strides and alignment; offsets are zeros because the deterministic backward sorts
-    by the sample positions on the host."""
+    yielding the phase of the launches made since the last yield."""
     from kernels.launchers import dla_bwd, dla_fwd
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    q, k = torch.empty(pb.B, pb.D, pb.Ho, pb.Wo, dtype=dtype), torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=dtype)
-    v = torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=dtype)
-    offset = torch.zeros(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=dtype)
-    rpb = torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype)
+    q, k, v, offset, rpb = _inputs(pb, dtype)
     args = (pb.NH, pb.G, (pb.D // pb.NH) ** -0.5)
     if direction == "fwd":
         dla_fwd(q, k, v, offset, rpb, *args, config=config, need_attn=False, force_int64=int64)
@@ -132,11 +137,7 @@ def drive_op(pb: Problem, dtype: torch.dtype, direction: str, deterministic: boo
     kernels and configurations), on CPU tensors with the op's CPU refusal bypassed."""
     import upsampler.functional as F
     from upsampler import deformable_local_attention
-    grad = direction != "fwd"
-    x = [torch.empty(pb.B, pb.D, pb.Ho, pb.Wo, dtype=dtype), torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=dtype),
-         torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=dtype), torch.zeros(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=dtype),
-         torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype)]
-    x = [t.requires_grad_() for t in x]
+    x = [t.requires_grad_() for t in _inputs(pb, dtype)]
 
     def op():
         return deformable_local_attention(*x, num_heads=pb.NH, num_groups=pb.G, backend="triton")
@@ -282,12 +283,19 @@ def _compile(launch: Launch) -> Report:
                   atomics=atomics, fences=fences)
 
 
-def _compile_here(jobs: list[Job]) -> list[list[Report]]:
-    # workers fork from a server that imported this module once (a process holding a CUDA context,
-    # as the sweep's does, must not fork itself)
+def _pool_context():
+    """Forked workers start at once. A process holding a CUDA context (the sweep's) must not fork:
+    its workers come from a server that imported this module (and its main module must be
+    import-safe, as `python -m autotune` is)."""
+    if not torch.cuda.is_initialized():
+        return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["autotune.resources"])
-    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=ctx) as pool:
+    return ctx
+
+
+def _compile_here(jobs: list[Job]) -> list[list[Report]]:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=_pool_context()) as pool:
         launches = list(pool.map(record, jobs))  # the deterministic backward sorts on the host: seconds
         distinct = {launch.digest(): launch for found in launches for launch in found}
         done = dict(zip(distinct, pool.map(_compile, distinct.values())))

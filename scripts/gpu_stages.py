@@ -17,9 +17,10 @@ import time
 
 import torch
 
-GPU = torch.cuda.is_available()
+# a dry run on a GPU machine interprets too
+GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 if not GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
@@ -59,8 +60,8 @@ def accuracy(out: str) -> int:
         ref.backward(dout.double())
         errs = {"out": rel_err(got, ref)}
         errs.update({f"d{n}": rel_err(a.grad, b.grad) for n, a, b in zip(("q", "k", "v", "offset", "rpb"), x, x64)})
-        rows.append(dict(device=device_name(), dtype=name, problem=" ".join(f"{k}={v}" for k, v in pb._asdict().items()),
-                         **{k: f"{v:.2e}" for k, v in errs.items()}))
+        problem = " ".join(f"{k}={v}" for k, v in pb._asdict().items())
+        rows.append(dict(device=device_name(), dtype=name, problem=problem, **{k: f"{v:.2e}" for k, v in errs.items()}))
         print(f"{name}: relative error against the float64 reference: "
               + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
         del x, x64, got, ref
@@ -116,17 +117,17 @@ def table(out: str) -> int:
     lines.append(f"Device copy: {_fmt(copy)} GB/s (bytes read + written)." if copy else "Device copy: not measured.")
     lines.append("")
     bench = [r for r in _read(os.path.join(out, "bench-*", "bench.csv")) if r["status"] == "ok"]
-    keys = sorted({(r["B"], r["C"], r["H"], r["W"], r["k_u"], r["scale"], r["dtype"], r["direction"]) for r in bench},
-                  key=lambda k: (k[:6], k[6], k[7]))
+
+    def key_of(r):
+        return r["B"], r["C"], r["H"], r["W"], r["k_u"], r["scale"], r["dtype"], r["direction"]
+    keys = sorted({key_of(r) for r in bench})
     if keys:
         lines += ["| problem (B C H W, k_u, s) | dtype | pass | Triton ms | eager ms | torch.compile ms | vs eager "
                   "| vs compile | GB/s | of copy | LDAAQU ms | official ms | module | issue-4 targets |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in keys:
-        ms = {r["backend"]: float(r["ms"]) for r in bench
-              if (r["B"], r["C"], r["H"], r["W"], r["k_u"], r["scale"], r["dtype"], r["direction"]) == key}
-        gbs = next((float(r["gb_per_s"]) for r in bench if r["backend"] == "triton" and r["gb_per_s"]
-                    and (r["B"], r["C"], r["H"], r["W"], r["k_u"], r["scale"], r["dtype"], r["direction"]) == key), None)
+        ms = {r["backend"]: float(r["ms"]) for r in bench if key_of(r) == key}
+        gbs = next((float(r["gb_per_s"]) for r in bench if key_of(r) == key and r["backend"] == "triton"), None)
         tri = ms.get("triton")
         vs_eager = ms["eager"] / tri if tri and "eager" in ms else None
         vs_compile = ms["torch.compile"] / tri if tri and "torch.compile" in ms else None
@@ -135,9 +136,9 @@ def table(out: str) -> int:
         fwd = key[7] == "fwd"
         checks = [(vs_eager, TARGETS["fwd_vs_eager" if fwd else "fwdbwd_vs_eager"], "x eager"),
                   (vs_compile if fwd else None, TARGETS["fwd_vs_compile"], "x compile"),
-                  (share if fwd else None, TARGETS["copy_share"], " of copy"),
+                  (share and 100 * share if fwd else None, 100 * TARGETS["copy_share"], "% of copy"),
                   (module, TARGETS["module_vs_official"], "x official")]
-        missed = [f"{_fmt(v)}{what} < {t:g}" for v, t, what in checks if v is not None and v < t]
+        missed = [f"{_fmt(v, what)} < {t:g}{what}" for v, t, what in checks if v is not None and v < t]
         lines.append(f"| {' '.join(key[:4])}, {key[4]}, {float(key[5]):g} | {key[6]} | {key[7]} | {_fmt(tri)} "
                      f"| {_fmt(ms.get('eager'))} | {_fmt(ms.get('torch.compile'))} | {_fmt(vs_eager, 'x')} "
                      f"| {_fmt(vs_compile, 'x')} | {_fmt(gbs)} | {_fmt(share and 100 * share, '%')} "

@@ -31,7 +31,8 @@ def test_round_trip_and_missing_entry(fresh_cache):
     cfg = Config(16, 16, 32, 8, 2, False)
     path = cache.store({cache.bucket(PB, torch.bfloat16, True): cfg})
     assert path.parent == fresh_cache and path.name == cache._file_name(cache.identity())
-    assert cache._file_name({"gpu": "NVIDIA H100 80GB HBM3", "capability": "sm_90"}) == "nvidia-h100-80gb-hbm3-sm-90.json"
+    h100 = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "sm_90"}
+    assert cache._file_name(h100) == "nvidia-h100-80gb-hbm3-sm-90.json"
     assert [p.name for p in fresh_cache.iterdir()] == [path.name]  # no temporary file left behind
     assert cache.lookup(PB, torch.bfloat16, backward=True) == cfg
     assert cache.lookup(PB, torch.bfloat16, backward=False) is None
