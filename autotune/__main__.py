@@ -65,9 +65,10 @@ def _inspect(args):
           f"sm_{args.cc} with Triton {triton.__version__}", flush=True)
     head = ("dtype", "k_u", "phase", "kernel", "tiles", "warps", "stages", "regs", "spill", "stack", "smem",
             "global loads bits:count", ">=64b", "atomics", "fences", "checks")
-    rows = [head]
+    rows, refused = [head], False
     for job, found in zip(jobs, compile_reports(jobs)):
         for r in found:
+            refused |= r.error is not None
             tiles = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in r.tiles.items())
             loads = " ".join(f"{bits}:{n}" for bits, n in r.loads.items()) or "-"
             atomics = " ".join(f"{op}:{n}" for op, n in r.atomics.items()) or "-"
@@ -77,9 +78,11 @@ def _inspect(args):
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    if any(r[-1] != "ok" and r is not head for r in rows):
+    if any(row[-1] != "ok" for row in rows[1:]):
         print("checks: no spills, no fences, no returning atomics (ATOM/ATOMG), >= 60% of global-load bytes from "
               "loads of 64 bits or wider")
+    if refused:
+        sys.exit("the compiler refused a launch (see checks)")
 
 
 def _positive(kind):
@@ -147,6 +150,8 @@ def main(argv=None):
             ap.error(f"C={C} must be a multiple of 4, and groups ({args.groups}) and heads ({args.heads}) must "
                      f"divide D=C/4={D} and C")
         Ho, Wo = int(H * args.scale), int(W * args.scale)
+        if min(Ho, Wo) < 1:
+            ap.error(f"--scale {args.scale} leaves an empty {Ho}x{Wo} output")
         args.problems = [Problem(B, D, C, H, W, Ho, Wo, args.groups, args.heads, k * k) for k in args.kernel_sizes]
     args.fn(args)
 

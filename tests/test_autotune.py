@@ -154,11 +154,13 @@ def test_cli_sweep_show_clear(fresh_cache):
     assert cleared.returncode == 0 and not cache.cache_path().exists()
 
 
-@pytest.mark.parametrize("args", [["--kernel-sizes", "4"], ["--dtype", "int8"], ["--groups", "3"], ["--scales", "0"],
-                                  ["--heads", "x"]])
+@pytest.mark.parametrize("args", [["sweep", "--kernel-sizes", "4"], ["sweep", "--dtype", "int8"],
+                                  ["sweep", "--groups", "3"], ["sweep", "--scales", "0"], ["sweep", "--heads", "x"],
+                                  ["inspect", "--groups", "3"], ["inspect", "--scale", "0.001"],
+                                  ["inspect", "--cc", "75"], ["inspect", "--shape", "2", "256", "100"]])
 def test_cli_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["sweep", *args])
+        main(args)
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
