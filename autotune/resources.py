@@ -61,7 +61,7 @@ class Report(NamedTuple):
     spec: str  # a digest of the specialisation: equal digests, equal compiled code
     registers: int = 0
     spill_bytes: int = 0  # ptxas's spill stores
-    stack_bytes: int = 0  # stack frame: local memory beyond the spills' own
+    stack_bytes: int = 0  # ptxas's stack frame: local memory per thread, spill slots included
     shared: int = 0
     loads: dict = {}  # {bits: global-load instructions of that width}
     atomics: dict = {}  # {SASS opcode: count} of global atomics and reductions
