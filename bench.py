@@ -107,10 +107,10 @@ def cases(quick, shape=None, kernel_sizes=None, scales=None):
     G, nh, r = 2, 1, 4
     D = C // r
     if GPU:
-        kus, scales_ = ([3, 5], [2, 3]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+        kus, default_scales = ([3, 5], [2, 3]) if quick else ([3, 5, 7, 9], [2, 3, 4])
     else:
-        kus, scales_ = ([3, 5], [2]) if quick else ([3, 5, 7, 9], [2, 3, 4])
-    kus, scales = kernel_sizes or kus, scales or scales_
+        kus, default_scales = ([3, 5], [2]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+    kus, scales = kernel_sizes or kus, scales or default_scales
     compiled_ref = torch.compile(deformable_local_attention_ref)
     for k_u in kus:
         for s in scales:
