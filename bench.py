@@ -3,6 +3,7 @@ torch.compile of the reference, and the whole module against the official-style 
 DySample against their plain-PyTorch forms (unfold, grid_sample).
 
     python bench.py [--quick] [--out DIR] [--dtype fp32 bf16] [--threads N]
+                    [--shape B C H W] [--kernel-sizes ..] [--scales ..] [--list]
 
 Writes bench.csv (one row per case, keyed by device, versions and date) and PNG plots into DIR
 (default results/<gpu name>/, results/cpu/ without a GPU) and prints a table. Without a GPU it times
@@ -109,16 +110,13 @@ def measure(fn, backward):
     return sorted(times)[len(times) // 2], saved, ""
 
 
-def cases(quick):
-    """(case, backend, k_u, scale, make) where make(dtype, grad) -> (fn, tensors, out_numel)."""
-    # on the CPU, maps of one 128-pixel program at s=2: the interpreter pays per program
-    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6)
+def cases(quick, shape=None, kernel_sizes=None, scales=None):
+    """(case, backend, k_u, scale, make) where make(dtype, grad) -> (fn, tensors, out_numel): the GPU grid."""
+    B, C, H, W = shape or (2, 256, 100, 152)
     G, nh, r = 2, 1, 4
     D = C // r
-    if GPU:
-        kus, scales = ([3, 5], [2, 3]) if quick else ([3, 5, 7, 9], [2, 3, 4])
-    else:
-        kus, scales = ([3, 5], [2]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+    kus, default_scales = ([3, 5], [2, 3]) if quick else ([3, 5, 7, 9], [2, 3, 4])
+    kus, scales = kernel_sizes or kus, scales or default_scales
     compiled_ref = torch.compile(deformable_local_attention_ref)
     for k_u in kus:
         for s in scales:
@@ -134,8 +132,7 @@ def cases(quick):
 
             def module(official, k_u=k_u, s=s):
                 def make(dtype, grad):
-                    m = LDAAQU(C, scale_factor=s, reduction_factor=r, k_u=k_u, n_groups=G, num_heads=nh,
-                               backend="auto" if GPU else "triton")
+                    m = LDAAQU(C, scale_factor=s, reduction_factor=r, k_u=k_u, n_groups=G, num_heads=nh)
                     with torch.no_grad():
                         m.conv_offset[-1].weight.normal_(0, 0.05)
                     m = m.to("cuda" if GPU else "cpu", dtype)
@@ -148,18 +145,17 @@ def cases(quick):
                 return make
             yield "op", "triton", k_u, s, op("triton")
             yield "op", "eager", k_u, s, op("reference")
-            if GPU or (k_u, s) == (kus[0], scales[0]):  # inductor on 2 CPU cores: one case is enough
-                yield "op", "torch.compile", k_u, s, op("compile")
+            yield "op", "torch.compile", k_u, s, op("compile")
             yield "module", "LDAAQU", k_u, s, module(False)
             yield "module", "official-style", k_u, s, module(True)
 
 
-def upsampler_cases(quick):
+def upsampler_cases(quick, shape=None, scales=None):
     """CARAFE and DySample modules against their plain-PyTorch forms (upsampler/plain.py), the same
     weights: (case, backend, k_u, scale, make) as cases(); k_u is CARAFE's up_kernel, 1 for DySample."""
-    B, C, H, W = (2, 256, 100, 152) if GPU else (1, 16, 5, 6) if quick else (1, 64, 50, 84)
+    B, C, H, W = shape or ((2, 256, 100, 152) if GPU else (1, 16, 5, 6) if quick else (1, 64, 50, 84))
     dev = "cuda" if GPU else "cpu"
-    scales = [2] if quick else [2, 3]
+    scales = [int(x) for x in scales or ([2] if quick else [2, 3]) if x == int(x)]
 
     def make_with(build, plain, s):
         def make(dtype, grad):
@@ -419,20 +415,41 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
                     help="default: fp32 bf16 on a GPU, fp32 on the CPU")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the CPU comparison only)")
+    ap.add_argument("--shape", type=int, nargs=4, metavar=("B", "C", "H", "W"),
+                    help="the input map of the GPU grid (C divisible by 8); default 2 256 100 152 (FPN P2)")
+    ap.add_argument("--kernel-sizes", type=int, nargs="+", metavar="K_U")
+    ap.add_argument("--scales", type=float, nargs="+", metavar="S")
+    ap.add_argument("--cases", nargs="+", choices=list(BASELINES), default=list(BASELINES),
+                    help="which comparisons (default: all; the CPU runs module, carafe and dysample)")
+    ap.add_argument("--list", action="store_true", help="print the cases and exit")
     ap.add_argument("--rss-of", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.shape and (min(args.shape) < 1 or args.shape[1] % 8):
+        ap.error(f"--shape needs positive sizes and C divisible by 8 (D = C/4 in 2 groups), got {args.shape}")
+    if args.kernel_sizes and any(k < 1 or k % 2 == 0 for k in args.kernel_sizes):
+        ap.error(f"--kernel-sizes must be odd and positive, got {args.kernel_sizes}")
+    if args.scales and min(args.scales) <= 0:
+        ap.error(f"--scales must be positive, got {args.scales}")
     if not GPU:
         torch.set_num_threads(args.threads)
     if args.rss_of:
         return _rss_child(args.rss_of, args.backward, args.quick)
     dtypes = args.dtype or (["fp32", "bf16"] if GPU else ["fp32"])
+    grid = dict(shape=args.shape, kernel_sizes=args.kernel_sizes, scales=args.scales)
+    chosen = [c for c in itertools.chain(cases(args.quick, **grid), upsampler_cases(args.quick, args.shape, args.scales))
+              if c[0] in args.cases]
+    if args.list:
+        for case, backend, k_u, s, _ in chosen:
+            print(f"{case} {backend} k_u={k_u} s={s:g} {' '.join(dtypes)} fwd fwd+bwd")
+        return
     out = args.out or os.path.join("results", device_slug())
     os.makedirs(out, exist_ok=True)
     if GPU:
-        rows = run(itertools.chain(cases(args.quick), upsampler_cases(args.quick)), dtypes)
-    else:
-        rows = run_cpu(args.quick, args.threads) + run(upsampler_cases(args.quick), dtypes)
+        rows = run(chosen, dtypes)
+    else:  # the CPU path's module comparison, and the other upsamplers through it
+        rows = (run_cpu(args.quick, args.threads) if "module" in args.cases else []) + \
+            run([c for c in chosen if c[0] in ("carafe", "dysample")], dtypes)
     with open(os.path.join(out, "bench.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()

@@ -1,6 +1,7 @@
-"""python -m autotune sweep|show|clear: tune offline, look up at run time."""
+"""python -m autotune sweep|show|clear|inspect: tune offline, look up at run time, read the compiled code."""
 import argparse
 import itertools
+import math
 import os
 import sys
 
@@ -8,6 +9,8 @@ import torch
 
 if not torch.cuda.is_available():  # the kernels can then only run through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.launchers import Problem  # noqa: E402
 
 from . import cache  # noqa: E402
 from .sweep import DTYPES  # noqa: E402
@@ -49,6 +52,39 @@ def _clear(args):
     print(f"removed {cache.cache_path()}" if cache.clear() else f"no tuning cache at {cache.cache_path()}")
 
 
+def _inspect(args):
+    import triton
+
+    from .resources import Job, compile_reports, shortfalls
+    B, C, H, W = args.shape
+    jobs = [Job(pb, dtype, direction, deterministic=args.deterministic, cc=args.cc, via_op=True)
+            for pb in args.problems for dtype in args.dtype for direction in ("fwd", "bwd")]
+    print(f"what the op launches (backend='triton', its default configurations, no tuning cache) at B={B} C={C} "
+          f"D={C // 4} {H}x{W} -> {args.problems[0].Ho}x{args.problems[0].Wo}, G={args.groups} nh={args.heads}"
+          f"{', deterministic' if args.deterministic else ''}; specialised as the JIT would, compiled for "
+          f"sm_{args.cc} with Triton {triton.__version__}", flush=True)
+    head = ("dtype", "k_u", "phase", "kernel", "tiles", "warps", "stages", "regs", "spill", "stack", "smem",
+            "global loads bits:count", ">=64b", "atomics", "fences", "checks")
+    rows, refused = [head], False
+    for job, found in zip(jobs, compile_reports(jobs)):
+        for r in found:
+            refused |= r.error is not None
+            tiles = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in r.tiles.items())
+            loads = " ".join(f"{bits}:{n}" for bits, n in r.loads.items()) or "-"
+            atomics = " ".join(f"{op}:{n}" for op, n in r.atomics.items()) or "-"
+            rows.append((job.dtype, str(math.isqrt(job.pb.K)), r.phase, r.kernel, tiles, str(r.num_warps),
+                         str(r.num_stages), str(r.registers), str(r.spill_bytes), str(r.stack_bytes), str(r.shared),
+                         loads, f"{r.wide_share:.2f}", atomics, str(r.fences), "; ".join(shortfalls(r)) or "ok"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if any(row[-1] != "ok" for row in rows[1:]):
+        print("checks: no spills, no fences, no returning atomics (ATOM/ATOMG), >= 60% of global-load bytes from "
+              "loads of 64 bits or wider")
+    if refused:
+        sys.exit("the compiler refused a launch (see checks)")
+
+
 def _positive(kind):
     def parse(text):
         value = kind(text)
@@ -83,6 +119,18 @@ def main(argv=None):
     sw.set_defaults(fn=_sweep)
     sub.add_parser("show", help="print this device's cache").set_defaults(fn=_show)
     sub.add_parser("clear", help="delete this device's cache").set_defaults(fn=_clear)
+    ins = sub.add_parser("inspect", help="compile what the op launches at one problem for a GPU and read the code: "
+                                         "registers, spills, shared memory, loads by width, atomics, fences")
+    ins.add_argument("--kernel-sizes", type=_odd, nargs="+", default=[3], metavar="K_U")
+    ins.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16", "fp64"], default=["fp32", "bf16"])
+    ins.add_argument("--shape", type=_positive(int), nargs=4, default=[2, 256, 100, 152], metavar=("B", "C", "H", "W"),
+                     help="v's shape; q and k get D = C/4 channels (default: FPN P2, 2 256 100 152)")
+    ins.add_argument("--scale", type=_positive(float), default=2.0)
+    ins.add_argument("--groups", type=_positive(int), default=2)
+    ins.add_argument("--heads", type=_positive(int), default=1)
+    ins.add_argument("--cc", type=int, choices=[90, 80], default=90, help="compute capability to compile for")
+    ins.add_argument("--deterministic", action="store_true", help="the backward of deterministic mode")
+    ins.set_defaults(fn=_inspect)
     args = ap.parse_args(argv)
     if args.cmd == "sweep":
         small = args.quick or not gpu
@@ -95,6 +143,16 @@ def main(argv=None):
                                      args.quick)
         except ValueError as e:
             ap.error(str(e))
+    if args.cmd == "inspect":
+        B, C, H, W = args.shape
+        D = C // 4
+        if C % 4 or D % args.groups or C % args.groups or D % args.heads or C % args.heads:
+            ap.error(f"C={C} must be a multiple of 4, and groups ({args.groups}) and heads ({args.heads}) must "
+                     f"divide D=C/4={D} and C")
+        Ho, Wo = int(H * args.scale), int(W * args.scale)
+        if min(Ho, Wo) < 1:
+            ap.error(f"--scale {args.scale} leaves an empty {Ho}x{Wo} output")
+        args.problems = [Problem(B, D, C, H, W, Ho, Wo, args.groups, args.heads, k * k) for k in args.kernel_sizes]
     args.fn(args)
 
 

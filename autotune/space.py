@@ -1,5 +1,6 @@
 """The search space of each kernel, pruned before anything is timed: tiles no wider than the
-problem needs, a register estimate, then ptxas's own report (no spills)."""
+problem needs, a register estimate, then ptxas's own report of the launches as the JIT compiles
+them (no spills)."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,7 @@ import triton
 
 from kernels.launchers import Config, Problem
 
-from .resources import Job, compile_reports
+from .resources import evaluate
 
 BLOCK_P = (16, 32, 64, 128)
 NUM_WARPS = (2, 4, 8)
@@ -55,6 +56,8 @@ def candidates(pb: Problem, backward: bool = False, quick: bool = False) -> list
 
 
 def spill_free(pb: Problem, configs: list[Config], backward: bool, dtype: str = "fp32", cc: int = 90) -> list[Config]:
-    """The configurations that compile for sm_<cc> and keep everything in registers."""
-    reports = compile_reports([Job("bwd" if backward else "fwd", pb, c, dtype, cc) for c in configs])
-    return [c for c, r in zip(configs, reports) if r.error is None and r.spill_bytes == 0]
+    """The configurations whose every launch (the forward's inference and training launches, or the
+    backward's) compiles for sm_<cc>, specialised as the JIT would at this problem, and keeps
+    everything in registers."""
+    found = evaluate(pb, dtype, "bwd" if backward else "fwd", configs, cc)
+    return [c for c, reports in zip(configs, found) if all(r.spill_free for r in reports)]

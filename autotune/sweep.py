@@ -2,7 +2,6 @@
 on fresh random inputs, check the fastest against the eager reference, keep it."""
 from __future__ import annotations
 
-import functools
 import itertools
 import sys
 import time
@@ -114,15 +113,15 @@ def check(pb: Problem, cfg: Config, x, backward: bool) -> float:
     return max(errs)
 
 
-@functools.lru_cache(maxsize=None)
-def _space(shape: Problem, backward: bool, dtype: str, quick: bool, cc: int) -> tuple[Config, ...]:
-    """What gets timed: spill-free candidates; compiled once per kernel shape, whatever the map size."""
+def _space(pb: Problem, backward: bool, dtype: str, quick: bool, cc: int) -> tuple[Config, ...]:
+    """What gets timed: spill-free candidates, compiled as the JIT specialises them at this problem
+    (its sizes decide divisibility, so vector widths and registers)."""
     if INTERPRET:  # compiled spill reports mean nothing to the interpreter: the widest pixel tile only
-        return (max(candidates(shape, backward, quick=True), key=lambda c: c.block_p),)
-    found = candidates(shape, backward, quick)
+        return (max(candidates(pb, backward, quick=True), key=lambda c: c.block_p),)
+    found = candidates(pb, backward, quick)
     print(f"    compiling {len(found)} {'bwd' if backward else 'fwd'} candidates for sm_{cc} to drop what spills",
           file=sys.stderr, flush=True)
-    return tuple(spill_free(shape, found, backward, dtype, cc))
+    return tuple(spill_free(pb, found, backward, dtype, cc))
 
 
 def tune(pb: Problem, dtype: str, backward: bool, quick: bool, cc: int, seed: int, log=sys.stderr) -> Row:
@@ -131,7 +130,7 @@ def tune(pb: Problem, dtype: str, backward: bool, quick: bool, cc: int, seed: in
     key = cache.bucket(pb, dt, backward)
     kernel = "bwd" if backward else "fwd"
     default = default_config(pb, backward)
-    space = _space(pb._replace(B=1, H=1, W=1, Ho=1, Wo=1), backward, dtype, quick, cc)
+    space = _space(pb, backward, dtype, quick, cc)
     x = inputs(pb, dt, "cpu" if INTERPRET else "cuda", seed)
     times = {}
     for cfg in dict.fromkeys((default,) + space):
@@ -158,7 +157,8 @@ def sweep(pbs: list[Problem], dtypes: list[str], backward: bool, quick: bool, lo
     """Tune every bucket, storing each verified winner as soon as it is found (a long sweep that is
     interrupted keeps what it did)."""
     cc = 90 if INTERPRET else 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
-    jobs = [(bwd, pb, dt) for bwd in ((False, True) if backward else (False,)) for pb in pbs for dt in dtypes]
+    # problem by problem (the first FPN level first): a sweep cut short keeps whole levels
+    jobs = [(bwd, pb, dt) for pb in pbs for dt in dtypes for bwd in ((False, True) if backward else (False,))]
     rows = []
     for i, (bwd, pb, dt) in enumerate(jobs, 1):
         t = time.perf_counter()

@@ -84,16 +84,19 @@ class Config:
 
 def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERPRET) -> Config:
     """Used when the tuning cache has no entry; chosen from ptxas reports of JIT-specialised compiles
-    (sm_90: no spills for k_u 1-9, nh up to 4, fp32/bf16/fp16; at the FPN P2 problem, corner gathers
-    of 64 bits or wider and 4-wide reductions), not from timings. Each thread holds 4+ contiguous
-    channels of a corner; the forward's value chunk covers a 128-channel segment, so a neighbour's
-    position serves all of its channels (the backward, with twice the live tiles, takes 64)."""
+    (sm_90: no spills for k_u 1-9, nh up to 4, fp32/bf16/fp16, the deterministic backward too; at the
+    FPN P2 problem, corner gathers of 64 bits or wider and 4-wide reductions), not from timings. Each
+    thread holds 4+ contiguous channels of a corner; the forward's value chunk covers a 128-channel
+    segment, so a neighbour's position serves all of its channels (the backward, with twice the live
+    tiles, takes 32)."""
     seg_d = triton.next_power_of_2(max(pb.widest_segment(pb.D), 1))
     seg_c = triton.next_power_of_2(pb.widest_segment(pb.C))
     if interpret:  # fewer, larger programs: the interpreter pays per program, not per lane
         return Config(block_p=128, block_d=seg_d, block_c=seg_c)
     if backward:
-        return Config(block_p=32, block_d=min(32, seg_d), block_c=min(64, seg_c), num_warps=8)
+        # more heads, more per-head state and unrolled segments: a narrower pixel tile keeps ptxas's
+        # 128-register budget spill-free
+        return Config(block_p=32 if pb.NH <= 2 else 16, block_d=min(32, seg_d), block_c=min(32, seg_c), num_warps=8)
     return Config(block_p=16, block_d=min(32, seg_d), block_c=min(128, seg_c), num_warps=4)
 
 
@@ -198,7 +201,9 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     alloc = torch.empty if deterministic else torch.zeros
     dk = alloc(pb.B, pb.H, pb.W, pb.D, dtype=acc_t, device=dev).permute(0, 3, 1, 2) if attention else None
     dv = alloc(pb.B, pb.H, pb.W, pb.C, dtype=acc_t, device=dev).permute(0, 3, 1, 2)
-    tgt = torch.empty(pb.B, pb.G, pb.K, 4, P, dtype=torch.int32, device=dev) if deterministic else None
+    # -1 (outside) until the kernel writes it: the host-side sort never meets garbage, even where the
+    # launch is only recorded, not run (autotune/resources.py)
+    tgt = torch.full((pb.B, pb.G, pb.K, 4, P), -1, dtype=torch.int32, device=dev) if deterministic else None
     cw = torch.empty(pb.B, pb.G, pb.K, 4, P, dtype=acc_t, device=dev) if deterministic else None
     int64 = force_int64 or _needs_int64(q, k, v, off_c, dout, dq, dk, dv, doff, saved, tgt)
     dummy = dv

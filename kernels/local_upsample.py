@@ -99,7 +99,7 @@ def _pixel_offsets(o_p, o_y, o_x, s_y, s_x, FLAT: tl.constexpr):
     # a map whose rows follow each other (s_y == Wo * s_x) is addressed by the flat pixel index, which
     # the compiler knows to be contiguous: its loads and stores along the pixels can vectorise
     if FLAT:
-        return o_p * s_x
+        return o_p.to(o_y.dtype) * s_x
     return o_y * s_y + o_x * s_x
 
 

@@ -1,12 +1,17 @@
-"""Kernels run on CPU through the Triton interpreter, which must be on before `kernels` is imported."""
+"""Kernels run compiled on a CUDA GPU when there is one (tensors are made there by default), else on
+CPU through the Triton interpreter, which must be on before `kernels` is imported."""
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    torch.set_default_device("cuda")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,9 @@ import os
 
 import torch
 
+# where the tests' tensors live: the GPU when the kernels are compiled for it, else the interpreter's CPU
+DEVICE = torch.get_default_device()
+
 
 def fresh_seed() -> int:
     """A new seed each run (fresh inputs), reported in assertion messages so a failure replays."""
@@ -10,21 +13,22 @@ def fresh_seed() -> int:
 
 
 def make_problem(B, D, C, H, W, scale, G, nh, k_u, spread=3.0, rpb=True, dtype=torch.float64, seed=0,
-                 integer=False):
-    """q, k, v, offset (base grid + N(0, spread) in output pixels; integers when `integer`), rpb."""
+                 integer=False, device=DEVICE):
+    """q, k, v, offset (base grid + N(0, spread) in output pixels; integers when `integer`), rpb;
+    drawn on the CPU (the seed replays anywhere), returned on `device`."""
     g = torch.Generator().manual_seed(seed)
     Ho, Wo = int(H * scale), int(W * scale)
     K = k_u * k_u
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-    base = torch.arange(k_u, dtype=torch.float64) - k_u // 2
+        return torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu")
+    base = torch.arange(k_u, dtype=torch.float64, device="cpu") - k_u // 2
     grid = torch.stack(torch.meshgrid(base, base, indexing="ij"), -1).reshape(1, 1, 2 * K, 1, 1)
     noise = randn(B, G, 2 * K, Ho, Wo) * spread
     offset = (grid + (noise.round() if integer else noise)).reshape(B, G * 2 * K, Ho, Wo)
     t = dict(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W), v=randn(B, C, H, W), offset=offset,
              rpb=randn(nh, K, D // nh) * 0.5 if rpb else None)
-    t = {n: (x.to(dtype) if x is not None else None) for n, x in t.items()}
+    t = {n: (x.to(device, dtype) if x is not None else None) for n, x in t.items()}
     return t, dict(num_heads=nh, num_groups=G)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from autotune import cache, sweep
+from helpers import DEVICE
 from autotune.__main__ import main
 from autotune.space import MAX_REGISTERS, candidates, estimated_registers, spill_free, unpruned
 from kernels.launchers import Config, Problem, default_config
@@ -29,7 +30,9 @@ def fresh_cache(tmp_path, monkeypatch):
 def test_round_trip_and_missing_entry(fresh_cache):
     cfg = Config(16, 16, 32, 8, 2, False)
     path = cache.store({cache.bucket(PB, torch.bfloat16, True): cfg})
-    assert path.parent == fresh_cache and path.name == "cpu-interpreter-none.json"
+    assert path.parent == fresh_cache and path.name == cache._file_name(cache.identity())
+    h100 = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "sm_90"}
+    assert cache._file_name(h100) == "nvidia-h100-80gb-hbm3-sm-90.json"
     assert [p.name for p in fresh_cache.iterdir()] == [path.name]  # no temporary file left behind
     assert cache.lookup(PB, torch.bfloat16, backward=True) == cfg
     assert cache.lookup(PB, torch.bfloat16, backward=False) is None
@@ -121,10 +124,10 @@ def test_register_estimate_prunes_the_wide_tiles():
 
 
 def test_spill_pruning_keeps_what_ptxas_keeps():
-    """Timing only what ptxas keeps in registers: the forward default stays, a 64x64-pixel-channel
-    tile that spills 200 bytes on sm_90 goes."""
-    default, wide = default_config(PB, interpret=False), Config(64, 32, 64, 4)
-    assert spill_free(PB, [default, wide], backward=False) == [default]
+    """Timing only what ptxas keeps in registers: the backward default stays, a 64x64-pixel-channel
+    tile that spills 2 KB on sm_90 goes."""
+    default, wide = default_config(PB, backward=True, interpret=False), Config(64, 32, 64, 4)
+    assert spill_free(PB, [default, wide], backward=True) == [default]
 
 
 def run_cli(*args, env):
@@ -134,10 +137,10 @@ def run_cli(*args, env):
 
 def test_cli_sweep_show_clear(fresh_cache):
     env = dict(os.environ, TRITON_INTERPRET="1", **{cache.ENV: str(fresh_cache)})
-    r = run_cli("sweep", "--quick", env=env)
+    r = run_cli("sweep", "--quick", "--kernel-sizes", "3", env=env)  # the interpreter's sweep, GPU or not
     assert r.returncode == 0, r.stderr
     assert "CPU interpreter" in r.stderr and "the timings mean nothing" in r.stderr and "[6/6]" in r.stderr
-    assert "bwd|bf16|D4|C16|G2|NH1|K9|P64" in r.stdout and " ok" in r.stdout
+    assert "bwd|bf16|D4|C16|G2|NH1|K9|attention|P64" in r.stdout and " ok" in r.stdout
     shown = run_cli("show", env=env)
     assert shown.returncode == 0 and '"kernel_version"' in shown.stdout
     entries = json.loads(cache.cache_path().read_text())["entries"]
@@ -151,11 +154,13 @@ def test_cli_sweep_show_clear(fresh_cache):
     assert cleared.returncode == 0 and not cache.cache_path().exists()
 
 
-@pytest.mark.parametrize("args", [["--kernel-sizes", "4"], ["--dtype", "int8"], ["--groups", "3"], ["--scales", "0"],
-                                  ["--heads", "x"]])
+@pytest.mark.parametrize("args", [["sweep", "--kernel-sizes", "4"], ["sweep", "--dtype", "int8"],
+                                  ["sweep", "--groups", "3"], ["sweep", "--scales", "0"], ["sweep", "--heads", "x"],
+                                  ["inspect", "--groups", "3"], ["inspect", "--scale", "0.001"],
+                                  ["inspect", "--cc", "75"], ["inspect", "--shape", "2", "256", "100"]])
 def test_cli_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["sweep", *args])
+        main(args)
     assert e.value.code == 2 and "error:" in capsys.readouterr().err
 
 
@@ -171,6 +176,7 @@ def fake_kernel(bias):
 @pytest.mark.parametrize("bias", [0.0, 0.1])
 def test_sweep_keeps_only_what_matches_the_reference(fresh_cache, monkeypatch, bias):
     monkeypatch.setattr(sweep, "upsample_fwd", fake_kernel(bias))
+    monkeypatch.setattr(sweep, "_space", lambda *a: (Config(16, 16, 16, 4),))  # nothing compiled on a GPU
     pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
     rows = sweep.sweep([pb], ["fp32"], backward=False, quick=True)
     kept = cache.lookup(pb, torch.float32)
@@ -185,7 +191,7 @@ def test_reference_check_over_a_batch(K):
     """The reference runs one batch element at a time; the rpb gradient sums them. With K=1 the q, k
     and rpb gradients are zero: their error is absolute."""
     pb = Problem(2, 4, 8, 3, 4, 6, 8, 2, 2, K)
-    x = sweep.inputs(pb, torch.float32, "cpu", seed=1)
+    x = sweep.inputs(pb, torch.float32, DEVICE.type, seed=1)
     assert sweep.check(pb, default_config(pb, backward=True), x, backward=True) < 1e-5
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import fresh_seed, rel_err
+from helpers import DEVICE, fresh_seed, rel_err
 from upsampler.official import official_forward, official_state_dict
 from upsampler import LDAAQU
 
@@ -119,8 +119,8 @@ def build(name, backend, seed, rpb=True, dtype=torch.float32):
     m = LDAAQU(C, scale_factor=s, reduction_factor=r, k_u=k_u, n_groups=G, num_heads=nh, rpb=rpb, backend=backend)
     sd = official_state_dict(C, r, G, nh, k_u, rpb=rpb, seed=seed)
     m.load_state_dict(sd)
-    x = torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(seed + 1))
-    return m.to(dtype), x.to(dtype), sd
+    x = torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(seed + 1), device="cpu")
+    return m.to(dtype), x.to(DEVICE, dtype), sd
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -163,7 +163,8 @@ def test_module_gradients_match_reference(name):
         m, x, _ = build(name, backend, seed, dtype=torch.float64)
         x.requires_grad_(True)
         out = m(x)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype,
+                                 device="cpu").to(DEVICE))
         grads[backend] = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
         for n, g in grads[backend].items():
             assert g is not None, f"{backend}: no gradient for {n}"
@@ -178,7 +179,7 @@ def test_autocast_bf16():
     seed = fresh_seed()
     m, x, _ = build("defaults", "triton", seed)
     x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out, seen = op_inputs(m, x)
     assert out.dtype == torch.bfloat16
     args = [a.detach().double() if a is not None else None for a in seen["args"]]

@@ -26,7 +26,7 @@ def _extract(x, Ho, Wo, offset, ks):
 
 def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k_e=3, range_factor=11,
                      rpb=True, dtype=torch.float64):
-    sd = {n: p.to(dtype) for n, p in sd.items()}
+    sd = {n: p.to(x.device, dtype) for n, p in sd.items()}
     x = x.to(dtype)
     B, C, H, W = x.shape
     Ho, Wo = int(H * scale_factor), int(W * scale_factor)
@@ -60,7 +60,7 @@ def official_state_dict(C, r=4, G=2, nh=1, k_u=3, k_e=3, rpb=True, seed=0):
     D, K = C // r, k_u * k_u
 
     def rnd(*shape, s=1.0):
-        return torch.randn(*shape, generator=g) * s
+        return torch.randn(*shape, generator=g, device="cpu") * s
     sd = {
         "layer_norm.norm.weight": 1 + rnd(C, s=0.1), "layer_norm.norm.bias": rnd(C, s=0.1),
         "proj_q.weight": rnd(D, C, 1, 1, s=C ** -0.5), "proj_k.weight": rnd(D, C, 1, 1, s=C ** -0.5),
