@@ -51,6 +51,12 @@ def _cmin(a, b):
 
 
 @triton.jit
+def _segment(g, h, PER_G, PER_H):
+    # the channels of group g that head h owns
+    return _cmax(g * PER_G, h * PER_H), _cmin((g + 1) * PER_G, (h + 1) * PER_H)
+
+
+@triton.jit
 def _chunk_mask(o_c, c_hi, BLOCK: tl.constexpr, EVEN: tl.constexpr):
     # an all-true mask when chunks tile the segments exactly: masks that are constant along the
     # channels let loads and atomics of contiguous channels vectorise
@@ -152,6 +158,15 @@ def _corners(iy, ix, m_p, H, W, INT64: tl.constexpr):
         y0 = y0.to(tl.int64)
         x0 = x0.to(tl.int64)
     return 1. - ly, ly, 1. - lx, lx, m_y0 & m_p, m_y1 & m_p, m_x0, m_x1, y0, x0
+
+
+@triton.jit
+def _neighbour(p_off, s_oc, c_oy, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID: tl.constexpr, HAS_OFF: tl.constexpr,
+               BORDER: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
+    """_corners of neighbour n's _positions, and d(iy)/d(oy), d(ix)/d(ox)."""
+    iy, ix, gy, gx = _positions(p_off, s_oc, c_oy, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID, HAS_OFF, BORDER, ACC)
+    hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _corners(iy, ix, m_p, H, W, INT64)
+    return hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0, gy, gx
 
 
 @triton.jit
@@ -258,8 +273,7 @@ def upsample_fwd_kernel(
         for g in tl.static_range(G):
             for h in tl.static_range((g * NH) // G, ((g + 1) * NH + G - 1) // G):
                 b_lh = tl.zeros([BLOCK_P, K_PAD], dtype=ACC)
-                d_lo = _cmax(g * DG, h * DH)
-                d_hi = _cmin((g + 1) * DG, (h + 1) * DH)
+                d_lo, d_hi = _segment(g, h, DG, DH)
                 for d0 in range(d_lo, d_hi, BLOCK_D):
                     o_d = d0 + tl.arange(0, BLOCK_D)
                     m_d = _chunk_mask(o_d, d_hi, BLOCK_D, EVEN_D)
@@ -267,9 +281,8 @@ def upsample_fwd_kernel(
                     b_q = tl.load(q + o_qp[:, None] + o_d[None, :] * s_qc, mask=m_p[:, None] & m_d[None, :],
                                   other=0.).to(ACC) * scale
                     for n in range(K):
-                        iy, ix, _, _ = _positions(off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W,
-                                                  GRID, HAS_OFF, BORDER, ACC)
-                        hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _corners(iy, ix, m_p, H, W, INT64)
+                        hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0, _, _ = _neighbour(
+                            off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID, HAS_OFF, BORDER, INT64, ACC)
                         k00, k01, k10, k11 = _gather4(k, y0, x0, o_d * s_kc, m_d, s_ky, s_kx, m_y0, m_y1, m_x0, m_x1,
                                                       EXACT, ACC)
                         b_k = _blend(hy, ly, hx, lx, k00, k01, k10, k11, EXACT)
@@ -293,16 +306,14 @@ def upsample_fwd_kernel(
         for h in tl.static_range((g * NH) // G, ((g + 1) * NH + G - 1) // G):
             if WEIGHTS != UNIT:
                 b_ah = _head(b_a, o_h, h)
-            c_lo = _cmax(g * CG, h * CH)
-            c_hi = _cmin((g + 1) * CG, (h + 1) * CH)
+            c_lo, c_hi = _segment(g, h, CG, CH)
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 o_c = c0 + tl.arange(0, BLOCK_C)
                 m_c = _chunk_mask(o_c, c_hi, BLOCK_C, EVEN_C)
                 b_o = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
                 for n in range(K):
-                    iy, ix, _, _ = _positions(off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W,
-                                              GRID, HAS_OFF, BORDER, ACC)
-                    hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _corners(iy, ix, m_p, H, W, INT64)
+                    hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0, _, _ = _neighbour(
+                        off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID, HAS_OFF, BORDER, INT64, ACC)
                     v00, v01, v10, v11 = _gather4(v, y0, x0, o_c * s_vc, m_c, s_vy, s_vx, m_y0, m_y1, m_x0, m_x1,
                                                   EXACT, ACC)
                     b_v = _blend(hy, ly, hx, lx, v00, v01, v10, v11, EXACT)
@@ -361,9 +372,8 @@ def upsample_bwd_kernel(
     if not ATOMIC:
         for g in tl.static_range(G):
             for n in range(K):
-                iy, ix, _, _ = _positions(off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W,
-                                          GRID, HAS_OFF, BORDER, ACC)
-                hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _corners(iy, ix, m_p, H, W, INT64)
+                hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0, _, _ = _neighbour(
+                    off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID, HAS_OFF, BORDER, INT64, ACC)
                 p_r = (((i_b * G + g) * K + n) * 4) * P + o_p
                 t00 = y0 * W + x0
                 tl.store(tgt + p_r, tl.where(m_y0 & m_x0, t00, -1), mask=m_p)
@@ -384,17 +394,15 @@ def upsample_bwd_kernel(
             if WEIGHTS != UNIT:
                 b_ah = _head(b_a, o_h, h)
             b_dah = tl.zeros([BLOCK_P, K_PAD], dtype=ACC)
-            c_lo = _cmax(g * CG, h * CH)
-            c_hi = _cmin((g + 1) * CG, (h + 1) * CH)
+            c_lo, c_hi = _segment(g, h, CG, CH)
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 o_c = c0 + tl.arange(0, BLOCK_C)
                 m_c = _chunk_mask(o_c, c_hi, BLOCK_C, EVEN_C)
                 b_do = tl.load(dout + o_dop[:, None] + o_c[None, :] * s_doc, mask=m_p[:, None] & m_c[None, :],
                                other=0.).to(ACC)
                 for n in range(K):
-                    iy, ix, gy_u, gx_u = _positions(off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W,
-                                                    GRID, HAS_OFF, BORDER, ACC)
-                    hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _corners(iy, ix, m_p, H, W, INT64)
+                    hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0, gy_u, gx_u = _neighbour(
+                        off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID, HAS_OFF, BORDER, INT64, ACC)
                     # [BLOCK_P, BLOCK_C] gradient of the sampled values
                     if WEIGHTS == UNIT:
                         b_g = b_do
@@ -449,8 +457,7 @@ def upsample_bwd_kernel(
                 b_gx = tl.load(p_doff + P, mask=m_doff, other=0.)
             for h in tl.static_range((g * NH) // G, ((g + 1) * NH + G - 1) // G):
                 b_dsh = _head(b_ds, o_h, h)
-                d_lo = _cmax(g * DG, h * DH)
-                d_hi = _cmin((g + 1) * DG, (h + 1) * DH)
+                d_lo, d_hi = _segment(g, h, DG, DH)
                 for d0 in range(d_lo, d_hi, BLOCK_D):
                     o_d = d0 + tl.arange(0, BLOCK_D)
                     m_d = _chunk_mask(o_d, d_hi, BLOCK_D, EVEN_D)
@@ -458,9 +465,8 @@ def upsample_bwd_kernel(
                                   other=0.).to(ACC)
                     b_dq = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
                     for n in range(K):
-                        iy, ix, gy_u, gx_u = _positions(off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W,
-                                                        GRID, HAS_OFF, BORDER, ACC)
-                        hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0 = _corners(iy, ix, m_p, H, W, INT64)
+                        hy, ly, hx, lx, m_y0, m_y1, m_x0, m_x1, y0, x0, gy_u, gx_u = _neighbour(
+                            off, P, (g * K + n) * 2, n, o_p, m_p, yb, xb, uy, ux, H, W, GRID, HAS_OFF, BORDER, INT64, ACC)
                         k00, k01, k10, k11 = _gather4(k, y0, x0, o_d * s_kc, m_d, s_ky, s_kx, m_y0, m_y1, m_x0, m_x1,
                                                       EXACT, ACC)
                         b_k = _blend(hy, ly, hx, lx, k00, k01, k10, k11, EXACT)

@@ -62,14 +62,18 @@ def _infer_groups(n_offset: int, D: int, C: int, rpb: Optional[torch.Tensor], nu
     return found[0]
 
 
+def _floating(name: str, t, dim: int = 4):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D{' (B, C, H, W)' if dim == 4 else ''}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
 def _check(q, k, v, offset, rpb, num_heads, num_groups):
     for name, t in (("q", q), ("k", k), ("v", v), ("offset", offset)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        _floating(name, t)
     if rpb is not None and not isinstance(rpb, torch.Tensor):
         raise TypeError(f"rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
     for name, t in (("k", k), ("v", v), ("offset", offset), ("rpb", rpb)):
@@ -112,12 +116,7 @@ def _is_int(x) -> bool:
 def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, coords,
                    padding):
     """(G, nh, K) of a local_upsample call, or a ValueError/TypeError naming the argument."""
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
-    if v.dim() != 4:
-        raise ValueError(f"v must be 4-D (B, C, H, W), got shape {tuple(v.shape)}")
-    if not v.is_floating_point():
-        raise TypeError(f"v must be a floating-point tensor, got {v.dtype}")
+    _floating("v", v)
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 or not all(_is_int(s) for s in size):
         raise TypeError(f"size must be a pair of ints (Ho, Wo), got {size!r}")
     B, C, H, W = v.shape
