@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -100,33 +101,46 @@ def shortfalls(r: Report) -> list[str]:
 
 # --- the launches -------------------------------------------------------------------------------
 
-def _inputs(pb: Problem, dtype: torch.dtype) -> list[torch.Tensor]:
-    """q, k, v, offset, rpb on the CPU in the problem's real shapes. Values do not matter, only
-    shapes, strides and alignment."""
-    return [torch.empty(pb.B, pb.D, pb.Ho, pb.Wo, dtype=dtype), torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=dtype),
+# how each weight mode is driven: as the upsampler that uses it (LDA-AQU, DySample-style given
+# weights, CARAFE, DySample): (coords, padding, base window, offsets)
+MODES = {"attention": ("align_corners", "zeros", False, True), "weights": ("half_pixel", "border", False, True),
+         "logits": ("nearest", "zeros", True, False), "unit": ("half_pixel", "border", False, True)}
+
+
+def _inputs(pb: Problem, dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
+    """q, k, v, offset, rpb, logits/weights on the CPU in the problem's real shapes (None where the
+    weight mode takes none). Values do not matter, only shapes, strides and alignment."""
+    attention, offsets = pb.weights == "attention", MODES[pb.weights][3]
+    return [torch.empty(pb.B, pb.D, pb.Ho, pb.Wo, dtype=dtype) if attention else None,
+            torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=dtype) if attention else None,
             torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=dtype),
-            torch.zeros(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=dtype),
-            torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype)]
+            torch.zeros(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=dtype) if offsets else None,
+            torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype) if attention else None,
+            torch.empty(pb.B, pb.NH, pb.K, pb.Ho, pb.Wo, dtype=dtype) if pb.weights in ("logits", "weights") else None]
 
 
 def drive_launchers(pb: Problem, dtype: torch.dtype, config: Optional[Config], direction: str,
                     deterministic: bool = False, int64: bool = False) -> Iterator[Optional[str]]:
     """Everything here that knows the launchers' signatures (adapt it when they change): run one
-    direction of the op (LDA-AQU's attention weights) through `kernels.launchers` on CPU tensors of
-    the problem's real shapes, yielding the phase of the launches made since the last yield."""
+    direction of the op (its weight mode `pb.weights`, driven as MODES says) through
+    `kernels.launchers` on CPU tensors of the problem's real shapes, yielding the phase of the
+    launches made since the last yield."""
     from kernels.launchers import Spec, upsample_bwd, upsample_fwd
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    q, k, v, offset, rpb = _inputs(pb, dtype)
-    size, spec = (pb.Ho, pb.Wo), Spec(pb.G, pb.NH, pb.K, scale=(pb.D // pb.NH) ** -0.5)
+    q, k, v, offset, rpb, wts = _inputs(pb, dtype)
+    coords, padding, window, _ = MODES[pb.weights]
+    spec = Spec(pb.G, pb.NH, pb.K, pb.weights, coords, padding, math.isqrt(pb.K) if window else 0,
+                (pb.D // pb.NH) ** -0.5 if pb.D else 1.0)
+    size = (pb.Ho, pb.Wo)
     if direction == "fwd":
-        upsample_fwd(v, size, spec, offset, q, k, rpb, config=config, need_attn=False, force_int64=int64)
+        upsample_fwd(v, size, spec, offset, q, k, rpb, wts, config=config, need_attn=False, force_int64=int64)
         yield "fwd"
-        upsample_fwd(v, size, spec, offset, q, k, rpb, config=config, need_attn=True, force_int64=int64)
+        upsample_fwd(v, size, spec, offset, q, k, rpb, wts, config=config, need_attn=True, force_int64=int64)
         yield "fwd-train"
     else:
         attn = torch.empty(pb.B, pb.NH, pb.K, pb.Ho, pb.Wo, dtype=acc)
         dout = torch.empty(pb.B, pb.C, pb.Ho, pb.Wo, dtype=dtype)
-        upsample_bwd(dout, v, size, spec, offset, q, k, rpb, attn=attn, config=config, deterministic=deterministic,
+        upsample_bwd(dout, v, size, spec, offset, q, k, rpb, wts, attn, config=config, deterministic=deterministic,
                      force_int64=int64)
         yield "bwd"
 
@@ -136,7 +150,7 @@ def drive_op(pb: Problem, dtype: torch.dtype, direction: str, deterministic: boo
     kernels and configurations), on CPU tensors with the op's CPU refusal bypassed."""
     import upsampler.functional as F
     from upsampler import deformable_local_attention
-    x = [t.requires_grad_() for t in _inputs(pb, dtype)]
+    x = [t.requires_grad_() for t in _inputs(pb, dtype)[:5]]
 
     def op():
         return deformable_local_attention(*x, num_heads=pb.NH, num_groups=pb.G, backend="triton")

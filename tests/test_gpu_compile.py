@@ -35,6 +35,13 @@ FWD, BWD, DET = ("fwd", False), ("bwd", False), ("bwd", True)  # (direction, det
 # compiling is what counts. About 60 distinct launches, 3 s of CPU each.
 JOBS = [Job(pb, dtype, d, deterministic=det) for pb in PROBLEMS for dtype in ("fp32", "bf16") for d, det in (FWD, BWD)]
 JOBS += [Job(pb, "fp32", "bwd", deterministic=True) for pb in (FPN_P2, PROBLEMS[3], PROBLEMS[6])]
+# the other upsamplers' weight modes at the FPN P2 map: CARAFE's (softmax of logits over a 5x5 window
+# of nearest source pixels, one corner read) and DySample's (unit weights at learned offsets, 4
+# groups, border padding)
+UPSAMPLERS = [Problem(2, 0, 256, 100, 152, 200, 304, 1, 1, 25, "logits"),
+              Problem(2, 0, 256, 100, 152, 200, 304, 4, 1, 1, "unit")]
+JOBS += [Job(pb, dtype, d, deterministic=det) for pb in UPSAMPLERS for dtype in ("fp32", "bf16") for d, det in (FWD, BWD)]
+JOBS += [Job(pb, "fp32", "bwd", deterministic=True) for pb in UPSAMPLERS]
 JOBS += [Job(FPN_P2, "fp16", d) for d in ("fwd", "bwd")]
 JOBS += [Job(FPN_P2, "fp32", d, cc=80) for d in ("fwd", "bwd")]
 EXTRA = [Job(FPN_P2, "fp64", d, deterministic=det) for d, det in (FWD, BWD, DET)]
@@ -51,7 +58,7 @@ def reports():
 
 def name(job):
     pb = job.pb
-    return (f"{job.direction}{'-det' if job.deterministic else ''}-G{pb.G}-nh{pb.NH}-K{pb.K}-D{pb.D}-{job.dtype}"
+    return (f"{job.direction}{'-det' if job.deterministic else ''}-{pb.weights}-G{pb.G}-nh{pb.NH}-K{pb.K}-D{pb.D}-{job.dtype}"
             f"-sm{job.cc}{'-int64' if job.int64 else ''}")
 
 
