@@ -35,10 +35,18 @@ def _(q, k, v, offset, rpb, num_heads, num_groups, scale, need_attn):
 def dla_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor,
                rpb: Optional[torch.Tensor], attn: torch.Tensor, num_heads: int, num_groups: int, scale: float,
                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, doff, drpb = dla_bwd(dout, q, k, v, offset, rpb, attn, num_heads, num_groups, scale,
-                                     config=_config(q, v, offset, num_heads, num_groups, True),
-                                     deterministic=deterministic)
-    return dq, dk, dv, doff, (drpb if drpb is not None else q.new_empty(0))
+    grads = dla_bwd(dout, q, k, v, offset, rpb, attn, num_heads, num_groups, scale,
+                    config=_config(q, v, offset, num_heads, num_groups, True), deterministic=deterministic)
+    *grads, drpb = (_like(g, t) for g, t in zip(grads, (q, k, v, offset, rpb)))
+    return *grads, (drpb if drpb is not None else q.new_empty(0))
+
+
+def _like(grad, t):
+    """grad laid out as torch.empty_like(t), the fake kernel's promise (Inductor checks it): the kernels
+    write dq contiguous, which a channels-last q (Inductor's choice before a conv) is not."""
+    if grad is None or grad.stride() == torch.empty_like(t, device="meta").stride():
+        return grad
+    return torch.empty_like(t).copy_(grad)
 
 
 @dla_bwd_op.register_fake
