@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import BACKENDS, deformable_local_attention
+from .naive import align_corners_ratio
 
 
 class LayerNormProxy(nn.Module):
@@ -19,7 +20,42 @@ class LayerNormProxy(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # the affine after the permute back, so that the result is not a view (see LDAAQU.forward)
+        n = self.norm
+        xn = F.layer_norm(x.permute(0, 2, 3, 1), n.normalized_shape, eps=n.eps).permute(0, 3, 1, 2)
+        return torch.addcmul(n.bias[:, None, None], xn, n.weight[:, None, None])
+
+
+class BilinearAlignCorners(torch.autograd.Function):
+    """F.interpolate(x, size, mode="bilinear", align_corners=True); the backward is two small matmuls
+    with the interpolation weights.
+
+    Autograd's own backward, under torch.compile, is Inductor's decomposition: four accumulating
+    index_puts into zeros, then their sum. Inductor 2.13's C++ backend can run the sum before the
+    index_puts (a mutation dependency lost when it recomputes a node's loops for fusion,
+    pytorch/pytorch#185509): the gradient through q silently vanished on CPU. ATen's backward kernel
+    has no meta function for symbolic sizes, so it cannot stand in under dynamic shapes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, size):
+        ctx.in_size = x.shape[-2:]
+        return F.interpolate(x, size, mode="bilinear", align_corners=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (H, W), (Ho, Wo) = ctx.in_size, grad.shape[-2:]
+        acc = torch.promote_types(grad.dtype, torch.float32)  # as ATen's kernel: weights and sums in fp32
+        with torch.autocast(grad.device.type, enabled=False):
+            dx = torch.einsum("bcyx,yh,xw->bchw", grad.to(acc), _tent(H, Ho, acc, grad.device),
+                              _tent(W, Wo, acc, grad.device))
+        return dx.to(grad.dtype), None
+
+
+def _tent(n_in, n_out, dtype, device) -> torch.Tensor:
+    """[n_out, n_in] align-corners interpolation weights: max(0, 1 - |source position - input index|)."""
+    src = torch.arange(n_out, dtype=dtype, device=device) * align_corners_ratio(n_in, n_out)
+    return (1 - (src[:, None] - torch.arange(n_in, dtype=dtype, device=device)).abs()).clamp(min=0)
 
 
 def _positive_int(name: str, value) -> int:
@@ -140,11 +176,19 @@ class LDAAQU(nn.Module):
             raise ValueError(f"x of shape {tuple(x.shape)} at scale_factor={self.scale_factor} gives an empty "
                              f"output {(B, C, Ho, Wo)}")
         G, D = self.n_groups, self.hidden_dim
+        # Under torch.compile with dynamic H and W, no tensor that autograd saves (a conv's input, the
+        # Triton op's inputs) may be a permute or reshape view: Inductor 2.13 orders such a view's
+        # symbolic strides with bare sympy comparisons and fails ("cannot determine truth value of
+        # Relational", pytorch/pytorch#185510). Hence the layer norm's affine after its permute, the
+        # official depth-wise conv of q viewed as [B*G, D//G, Ho, Wo] as a conv of q itself with the
+        # weight tiled over the groups, and the base grid added after the reshape.
         xn = self.layer_norm(x)
-        q = F.interpolate(self.proj_q(xn), (Ho, Wo), mode="bilinear", align_corners=True)
+        q = BilinearAlignCorners.apply(self.proj_q(xn), (Ho, Wo))
         k = self.proj_k(xn)
-        offset = self.conv_offset(q.reshape(B * G, D // G, Ho, Wo)).tanh() * self.range_factor
-        offset = (offset + self.base_offset.to(offset.dtype)).reshape(B, -1, Ho, Wo)
+        dw = self.conv_offset[0]
+        h = F.conv2d(q, dw.weight.repeat(G, 1, 1, 1), padding=dw.padding, groups=D)
+        offset = self.conv_offset[1:](h.reshape(B * G, D // G, Ho, Wo)).tanh() * self.range_factor
+        offset = offset.reshape(B, -1, Ho, Wo) + self.base_offset.to(offset.dtype).repeat(1, G, 1, 1)
         rpb = self.relative_position_bias_table.reshape(self.num_heads, self.k_u ** 2, -1) if self.rpb else None
         return deformable_local_attention(q, k, x, offset, rpb, num_heads=self.num_heads, num_groups=G,
                                           scale=self.scale, backend=self.backend)
