@@ -1,6 +1,8 @@
 """The torch path of local_upsample: every weight mode, coordinate rule and padding against the
 reference (forward and gradients, float64), its dtypes and saved memory, the plain graph it exports,
 and ONNX export of the module run by onnxruntime at other sizes."""
+import copy
+
 import pytest
 import torch
 
@@ -109,16 +111,16 @@ def test_saves_inputs_and_weights_only(mode):
 def test_plain_graph_matches_reference():
     """The graph taken under export and on devices other than the CPU (grid_sample per neighbour)."""
     seed = fresh_seed()
-    for i, mode in enumerate(MODES):
+    for i, (mode, offsets) in enumerate([(m, o) for m in MODES for o in (True, False)]):
         name = list(GEOMETRY)[i % len(GEOMETRY)]
-        t, size, kw = problem(name, mode, seed)
-        G, nh = kw["num_groups"], 1 if mode == "none" else GEOMETRY[name][6]
+        t, size, kw = problem(name, mode, seed, offsets=offsets)  # without offsets: CARAFE, interpolation
+        G, nh = kw["num_groups"] or 1, 1 if mode == "none" else GEOMETRY[name][6]
         for coords, padding in (("align_corners", "zeros"), ("half_pixel", "border")):
             scale = (t["q"].shape[1] // nh) ** -0.5 if mode == "attention" else 1.0
             out = torch_path._plain(t["v"], size, t["offset"], t.get("q"), t.get("k"), t.get("rpb"), t.get("logits"),
                                     t.get("weights"), kw["kernel_size"], G, nh, scale, coords, padding)
             ref = run(t, size, kw, "reference", coords=coords, padding=padding)
-            assert rel_err(out, ref) < 1e-10, f"{mode} {coords}, seed={seed}"
+            assert rel_err(out, ref) < 1e-10, f"{mode} {coords} offsets={offsets}, seed={seed}"
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch", "reference"])
@@ -144,10 +146,16 @@ def test_onnx_export_runs_at_other_sizes(tmp_path):
                       dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     m.backend = "reference"
+    exact = copy.deepcopy(m).double()
     for shape in [(2, 16, 6, 7), (1, 16, 9, 5), (3, 16, 5, 12)]:
         x = torch.randn(shape)
         y = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
         with torch.no_grad():
-            expect = m(x)
+            expect, truth = m(x), exact(x.double())
         assert y.shape == expect.shape == (shape[0], 16, int(shape[2] * 1.5), int(shape[3] * 1.5))
-        assert (y - expect).abs().max() < 1e-4, f"{shape}, seed={seed}"
+        # The module is ill-conditioned in fp32 (range_factor * tanh magnifies the offsets' rounding):
+        # PyTorch's own fp32 output is up to ~2e-4 from float64 here, and so is onnxruntime's, each
+        # rounding its own way. So onnxruntime is held to float64 within PyTorch's fp32 error + 1e-4.
+        fp32_err = (expect.double() - truth).abs().max().item()
+        assert (y.double() - truth).abs().max() <= 1e-4 + 2 * fp32_err, f"{shape}, seed={seed}"
+        assert (y - expect).abs().max() < 1e-3, f"{shape}, seed={seed}"
