@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import fresh_seed, rel_err
-from upsampler import LDAAQU, local_upsample, select_backend
+from upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
 from upsampler import torch_path
 
 # (B, C, H, W, size, G, nh, kernel_size): odd sizes, groups and heads crossing unevenly, Ho = 1
@@ -159,3 +159,28 @@ def test_onnx_export_runs_at_other_sizes(tmp_path):
         fp32_err = (expect.double() - truth).abs().max().item()
         assert (y.double() - truth).abs().max() <= 1e-4 + 2 * fp32_err, f"{shape}, seed={seed}"
         assert (y - expect).abs().max() < 1e-3, f"{shape}, seed={seed}"
+
+
+@pytest.mark.parametrize("name", ["carafe", "dysample"])
+def test_onnx_export_of_the_other_upsamplers(name, tmp_path):
+    """CARAFE (a window, no offsets) and DySample (one sample per pixel) export the same way and run
+    in onnxruntime at another size, output size included."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    m = CARAFE(16, 2, up_kernel=3, compressed_channels=8) if name == "carafe" else DySample(16, 2)
+    for p in m.parameters():  # away from the initialisation's plain kernels and zero offsets
+        torch.nn.init.normal_(p, std=0.1)
+    m.eval()
+    path = str(tmp_path / f"{name}.onnx")
+    torch.onnx.export(m, (torch.randn(2, 16, 6, 7),), path, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch", 2: "height", 3: "width"}})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for shape in [(2, 16, 6, 7), (1, 16, 9, 5)]:
+        x = torch.randn(shape)
+        y = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        with torch.no_grad():
+            expect = m(x)
+        assert y.shape == expect.shape == (shape[0], 16, 2 * shape[2], 2 * shape[3])
+        assert (y - expect).abs().max() < 1e-4, f"{name} {shape}, seed={seed}"
