@@ -354,7 +354,7 @@ def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_
                          coords, padding):
     """`upsampler.local_upsample` in PyTorch; arguments already checked."""
     # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose native
-    # CPU kernel is 2-3x faster than the gathers and keeps the same tensors for backward.
+    # CPU kernel is ~2x faster than the gathers and keeps the same tensors for backward.
     one_sample = q is None and logits is None and weights is None and \
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
     if v.device.type != "cpu" or is_exporting() or one_sample:
