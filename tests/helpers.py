@@ -26,10 +26,32 @@ def make_problem(B, D, C, H, W, scale, G, nh, k_u, spread=3.0, rpb=True, dtype=t
     grid = torch.stack(torch.meshgrid(base, base, indexing="ij"), -1).reshape(1, 1, 2 * K, 1, 1)
     noise = randn(B, G, 2 * K, Ho, Wo) * spread
     offset = (grid + (noise.round() if integer else noise)).reshape(B, G * 2 * K, Ho, Wo)
+    if not integer:
+        offset = off_pixel_edges(offset, H, W)
     t = dict(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W), v=randn(B, C, H, W), offset=offset,
              rpb=randn(nh, K, D // nh) * 0.5 if rpb else None)
     t = {n: (x.to(device, dtype) if x is not None else None) for n, x in t.items()}
     return t, dict(num_heads=nh, num_groups=G)
+
+
+def off_pixel_edges(offset: torch.Tensor, H: int, W: int, margin: float = 1e-3) -> torch.Tensor:
+    """LDA-AQU offsets [B, G*2K, Ho, Wo] (y, x per neighbour, output pixels) moved so that every
+    sample lands at least `margin` input pixels off the integer positions. The bilinear derivative
+    jumps there, and an fp32 position within rounding of one takes it on the other side than the
+    float64 reference does: the d(offset) of that sample changes by O(1) (a 4e-3 relative error in
+    the whole tensor, seen), whatever the kernel. The kink itself is tested exactly, in float64."""
+    B, _, Ho, Wo = offset.shape
+    o = offset.double().clone().view(B, -1, 2, Ho, Wo)
+    for axis, n, n_out in ((0, H, Ho), (1, W, Wo)):
+        if n_out < 2 or n < 2:  # every sample at position 0 in fp32 and float64 alike
+            continue
+        ratio = (n - 1) / (n_out - 1)
+        idx = torch.arange(n_out, dtype=torch.float64)
+        pos = ((idx.view(-1, 1) if axis == 0 else idx.view(1, -1)) + o[:, :, axis]) * ratio
+        frac = pos - pos.round()
+        step = torch.where(frac >= 0, 2 * margin, -2 * margin) / ratio
+        o[:, :, axis] += torch.where(frac.abs() < margin, step, 0.0)
+    return o.view(B, -1, Ho, Wo).to(offset.dtype)
 
 
 def upcast(t: dict) -> dict:

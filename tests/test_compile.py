@@ -1,6 +1,12 @@
 """torch.compile(module, fullgraph=True) as users call it: the default (Inductor) backend, three input
 sizes in a row (the second recompiles with dynamic shapes), the output and every gradient equal to
-eager; and the custom ops' fake kernels promise exactly the layouts the real ones return."""
+eager; and the custom ops' fake kernels promise exactly the layouts the real ones return.
+
+In float64: the bilinear derivative jumps where a sample crosses a pixel edge, so two correct fp32
+computations that round a position differently (Inductor fuses the position arithmetic) part by up
+to ~2e-4 in an upstream gradient when one sample lands within rounding of an edge (seen in CI). The
+bugs this test exists for (a vanished gradient, wrong layouts, crashes on the second size) show in
+float64 just the same, and equality is held to 1e-9 instead of 1e-4."""
 import pytest
 import torch
 
@@ -46,15 +52,15 @@ def test_compiled_module_matches_eager(build, backend):
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     torch._dynamo.reset()  # each case gets its own compilations, not the leftovers of another test
-    m = build(backend, seed)
+    m = build(backend, seed).double()
     compiled = torch.compile(m, fullgraph=True)
     for H, W in SIZES:
-        x = torch.randn(2, 16, H, W, generator=gen)
-        dout = torch.randn(2, 16, 2 * H, 2 * W, generator=gen)
+        x = torch.randn(2, 16, H, W, generator=gen, dtype=torch.float64)
+        dout = torch.randn(2, 16, 2 * H, 2 * W, generator=gen, dtype=torch.float64)
         eager, comp = forward_backward(m, m, x, dout), forward_backward(compiled, m, x, dout)
         for name, g in eager.items():
             assert g is not None and comp[name] is not None, f"{name}: no gradient, size {(H, W)}, seed={seed}"
-            assert rel_err(comp[name], g) < 1e-4, f"{name}, size {(H, W)}, seed={seed}"
+            assert rel_err(comp[name], g) < 1e-9, f"{name}, size {(H, W)}, seed={seed}"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
