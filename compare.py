@@ -29,9 +29,9 @@ from torch import nn
 
 import upsampler
 from upsampler import FPN, select_backend
+from upsampler.fpn import UPSAMPLERS
 
 CLASSES = ("background", "ring", "line", "polygon")
-UPSAMPLERS = ("nearest", "bilinear", "carafe", "dysample", "lda_aqu")
 # each paper's defaults; widths tied to 256-channel necks scaled to ours (CARAFE compresses C/4 as mmdet's 256 -> 64)
 UPSAMPLER_CFG = {"carafe": lambda c: dict(up_kernel=5, encoder_kernel=3, compressed_channels=c // 4),
                  "dysample": lambda c: dict(style="lp", groups=4),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import BACKENDS, local_upsample
+from .functional import check_backend, local_upsample
 from .module import _check_input, _odd_int, _positive_int, _size_arg
 
 
@@ -35,8 +35,7 @@ class CARAFE(nn.Module):
         _positive_int("compressed_channels", compressed_channels)
         if C % G:
             raise ValueError(f"up_group={G} must divide channels={C}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.channels, self.scale_factor, self.up_kernel, self.up_group = C, s, up_kernel, G
         self.encoder_kernel, self.encoder_dilation = encoder_kernel, encoder_dilation
         self.compressed_channels, self.backend = compressed_channels, backend

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import BACKENDS, local_upsample
+from .functional import check_backend, local_upsample
 from .module import _check_input, _positive_int, _size_arg
 
 STYLES = ("lp", "pl")
@@ -43,8 +43,7 @@ class DySample(nn.Module):
             raise ValueError(f"style='pl' needs scale**2 = {s * s} to divide in_channels={C}")
         if not isinstance(dyscope, bool):
             raise ValueError(f"dyscope must be a bool, got {dyscope!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.in_channels, self.scale, self.style, self.groups, self.dyscope = C, s, style, G, dyscope
         self.backend = backend
         c_in, c_out = (C // (s * s), 2 * G) if style == "pl" else (C, 2 * G * s * s)

@@ -26,9 +26,14 @@ def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:
     return None
 
 
-def select_backend(backend: str, *tensors: torch.Tensor) -> str:
+def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def select_backend(backend: str, *tensors: torch.Tensor) -> str:
+    check_backend(backend)
     if is_exporting():  # exporters lower standard ops only: not the Triton custom op, not the CPU one
         return "torch"
     if backend in ("reference", "torch"):

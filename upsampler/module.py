@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import BACKENDS, deformable_local_attention
+from .functional import check_backend, deformable_local_attention
 from .naive import align_corners_ratio
 
 
@@ -115,8 +115,7 @@ class LDAAQU(nn.Module):
             raise ValueError(f"range_factor must be a finite number, got {range_factor!r}")
         if not isinstance(rpb, bool):
             raise ValueError(f"rpb must be a bool, got {rpb!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if C % r:
             raise ValueError(f"reduction_factor={r} must divide in_channels={C}")
         D = C // r

@@ -159,7 +159,7 @@ class _Pairs:
         return F.embedding_bag(pixel, rows, starts, per_sample_weights=coef.reshape(-1)[order], mode="sum")
 
 
-def _weights(pairs, v, q, k, rpb, logits, weights, G, nh, scale, acc):
+def _weights(pairs, q, k, rpb, logits, weights, G, nh, scale, acc):
     """w [B, nh, P, K] (None: every sample weighs 1)."""
     B, P, K = pairs.B, pairs.P, pairs.K
     if q is not None:
@@ -189,7 +189,7 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
     B, C, H, W = v.shape
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     pairs = _Pairs(v.shape, size, offset, kernel_size, G, K, coords, padding, acc, v.device)
-    w = _weights(pairs, v, q, k, rpb, logits, weights, G, nh, scale, acc)
+    w = _weights(pairs, q, k, rpb, logits, weights, G, nh, scale, acc)
     out = v.new_empty(B, C, *size)
     for g, h, c0, c1 in _segments(C, G, nh):
         _put(out, c0, c1, pairs.gather(g, _table(v, c0, c1, acc), _coef(pairs, w, g, h)))
