@@ -1,14 +1,17 @@
-"""LDA-AQU upsampler and its family (CARAFE, DySample, interpolation) on one op; an FPN neck."""
+"""LDA-AQU upsampler and its family (CARAFE, DySample, interpolation) on one op; an FPN neck; the
+necks of the released LDA-AQU and DySample detectors."""
 from .carafe import CARAFE
 from .dysample import DySample
 from .fpn import FPN
 from .functional import can_run_triton, deformable_local_attention, local_upsample, select_backend
 from .interpolation import interpolate
 from .module import LDAAQU, LayerNormProxy
+from .necks import FPN_LAU, FPN_UPSAMPLE, neck_state_dict
 from .naive import deformable_local_attention_ref, local_upsample_ref
 from .registry import register_mmengine
 
-__all__ = ["LDAAQU", "LayerNormProxy", "CARAFE", "DySample", "FPN", "interpolate",
+__all__ = ["LDAAQU", "LayerNormProxy", "CARAFE", "DySample", "FPN", "FPN_LAU", "FPN_UPSAMPLE", "neck_state_dict",
+           "interpolate",
            "deformable_local_attention", "deformable_local_attention_ref", "local_upsample", "local_upsample_ref",
            "can_run_triton", "select_backend", "register_mmengine"]
 

@@ -26,14 +26,21 @@ class DySample(nn.Module):
 
     Parameter and buffer names are the official ones (`offset`, `scope`, `init_pos`), so official state
     dicts load with strict=True. `init_pos` is kept for them only: the op computes h + init_pos as its
-    half-pixel rule, in fp32 whatever the dtype.
+    half-pixel rule, in fp32 whatever the dtype. The standalone tiny-smart/dysample has no bias on
+    `scope`; tiny-smart/detection-with-upsamplers' copy has one (`scope_bias=True` loads its
+    checkpoints) and names the scale `scale_factor`, accepted here as an alias of `scale`.
     """
 
     def __init__(self, in_channels: int, scale: int = 2, style: str = "lp", groups: int = 4, dyscope: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, scale_factor=None, scope_bias: bool = False):
         super().__init__()
         C = _positive_int("in_channels", in_channels)
-        s = _positive_int("scale", scale)
+        if scale_factor is not None:
+            if scale not in (2, scale_factor):  # 2: the default, not a choice
+                raise ValueError(f"give scale or scale_factor (its alias), not both: scale={scale!r}, "
+                                 f"scale_factor={scale_factor!r}")
+            scale = scale_factor
+        s = _positive_int("scale_factor" if scale_factor is not None else "scale", scale)
         G = _positive_int("groups", groups)
         if style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {style!r}")
@@ -43,13 +50,15 @@ class DySample(nn.Module):
             raise ValueError(f"style='pl' needs scale**2 = {s * s} to divide in_channels={C}")
         if not isinstance(dyscope, bool):
             raise ValueError(f"dyscope must be a bool, got {dyscope!r}")
+        if not isinstance(scope_bias, bool) or (scope_bias and not dyscope):
+            raise ValueError(f"scope_bias must be a bool, True only with dyscope=True, got {scope_bias!r}")
         check_backend(backend)
         self.in_channels, self.scale, self.style, self.groups, self.dyscope = C, s, style, G, dyscope
         self.backend = backend
         c_in, c_out = (C // (s * s), 2 * G) if style == "pl" else (C, 2 * G * s * s)
         self.offset = nn.Conv2d(c_in, c_out, 1)
         if dyscope:
-            self.scope = nn.Conv2d(c_in, c_out, 1, bias=False)
+            self.scope = nn.Conv2d(c_in, c_out, 1, bias=scope_bias)
         # channels (x then y, group, i, j): sub-pixel (i, j) sits at ((j, i) - (s-1)/2) / s of its input pixel
         r = (torch.arange(s, dtype=torch.float32) - (s - 1) / 2) / s
         pos = torch.stack(torch.meshgrid(r, r, indexing="xy"))
@@ -57,11 +66,13 @@ class DySample(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """The official: offset conv N(0, 0.001) with zero bias, scope conv zero."""
+        """The official: offset conv N(0, 0.001) with zero bias, scope conv zero (bias too)."""
         nn.init.normal_(self.offset.weight, std=0.001)
         nn.init.zeros_(self.offset.bias)
         if self.dyscope:
             nn.init.zeros_(self.scope.weight)
+            if self.scope.bias is not None:
+                nn.init.zeros_(self.scope.bias)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         _check_input(x, self.in_channels)

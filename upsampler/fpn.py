@@ -17,12 +17,27 @@ UPSAMPLERS = ("nearest", "bilinear", *LEARNED)
 class _ConvModule(nn.Module):
     """A bare conv under mmcv ConvModule's key (`.conv.`), so mmdet FPN checkpoints load."""
 
-    def __init__(self, c_in: int, c_out: int, k: int):
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+        self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2)
 
     def forward(self, x):
         return self.conv(x)
+
+
+def check_pyramid(inputs, in_channels):
+    """inputs: a list or tuple of (B, in_channels[i], H_i, W_i) maps, one per level."""
+    if not isinstance(inputs, (list, tuple)) or len(inputs) != len(in_channels):
+        raise ValueError(f"inputs must be a list or tuple of {len(in_channels)} maps, one per in_channels")
+    for i, (x, c) in enumerate(zip(inputs, in_channels)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c:
+            raise ValueError(f"inputs[{i}] must be (B, {c}, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+
+
+def check_channels(in_channels, out_channels) -> tuple[list, int]:
+    if not isinstance(in_channels, (list, tuple)) or not in_channels:
+        raise ValueError(f"in_channels must be a non-empty list of ints, got {in_channels!r}")
+    return [_positive_int("in_channels", c) for c in in_channels], _positive_int("out_channels", out_channels)
 
 
 class FPN(nn.Module):
@@ -39,10 +54,7 @@ class FPN(nn.Module):
     def __init__(self, in_channels, out_channels: int, upsampler: str = "nearest", num_outs=None,
                  upsampler_cfg=None):
         super().__init__()
-        if not isinstance(in_channels, (list, tuple)) or not in_channels:
-            raise ValueError(f"in_channels must be a non-empty list of ints, got {in_channels!r}")
-        in_channels = [_positive_int("in_channels", c) for c in in_channels]
-        out_channels = _positive_int("out_channels", out_channels)
+        in_channels, out_channels = check_channels(in_channels, out_channels)
         num_outs = len(in_channels) if num_outs is None else _positive_int("num_outs", num_outs)
         if num_outs < len(in_channels):
             raise ValueError(f"num_outs={num_outs} must be at least len(in_channels)={len(in_channels)}")
@@ -71,11 +83,7 @@ class FPN(nn.Module):
             self.interpolate_cfg = dict(cfg, mode=upsampler)
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
-        if not isinstance(inputs, (list, tuple)) or len(inputs) != len(self.in_channels):
-            raise ValueError(f"inputs must be a list or tuple of {len(self.in_channels)} maps, one per in_channels")
-        for i, (x, c) in enumerate(zip(inputs, self.in_channels)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c:
-                raise ValueError(f"inputs[{i}] must be (B, {c}, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+        check_pyramid(inputs, self.in_channels)
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
         for i in range(len(laterals) - 1, 0, -1):
             size = tuple(laterals[i - 1].shape[-2:])

@@ -8,10 +8,12 @@ from .carafe import CARAFE
 from .dysample import DySample
 from .fpn import FPN
 from .module import LDAAQU
+from .necks import FPN_LAU, FPN_UPSAMPLE
 
 # "UpsamplerFPN" because mmdet's child registry has its own "FPN", which a child's lookup finds before
-# it falls back to the root
-NAMES = {"LDAAQU": LDAAQU, "CARAFE": CARAFE, "DySample": DySample, "UpsamplerFPN": FPN}
+# it falls back to the root; the released detectors' necks under their own names (mmdet has neither)
+NAMES = {"LDAAQU": LDAAQU, "CARAFE": CARAFE, "DySample": DySample, "UpsamplerFPN": FPN, "FPN_LAU": FPN_LAU,
+         "FPN_UPSAMPLE": FPN_UPSAMPLE}
 
 
 def register_mmengine() -> bool:
