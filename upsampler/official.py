@@ -35,7 +35,7 @@ def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k
     xn = _ln_channels(x, sd["layer_norm.norm.weight"], sd["layer_norm.norm.bias"])
     q = F.interpolate(F.conv2d(xn, sd["proj_q.weight"]), (Ho, Wo), mode="bilinear", align_corners=True)
     k = F.conv2d(xn, sd["proj_k.weight"])
-    h = F.conv2d(q.view(B * G, -1, Ho, Wo), sd["conv_offset.0.weight"], padding=1, groups=D // G)
+    h = F.conv2d(q.reshape(B * G, -1, Ho, Wo), sd["conv_offset.0.weight"], padding=1, groups=D // G)
     h = F.gelu(_ln_channels(h, sd["conv_offset.1.norm.weight"], sd["conv_offset.1.norm.bias"]))
     h = F.conv2d(h, sd["conv_offset.3.weight"], sd["conv_offset.3.bias"], padding=k_e // 2)
     base = torch.arange(k_u, dtype=dtype, device=x.device) - k_u // 2
