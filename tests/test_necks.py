@@ -312,11 +312,12 @@ LAU_UPSAMPLERS = {
     "pixel_shuffle": dict(type="pixel_shuffle", upsample_kernel=3),
 }
 ON_THE_OP = ("lda_aqu", "carafe", "nearest", "bilinear", "dysample")
-# images padded to 64 (strides 4..32 of 128x192) and odd maps; the Triton interpreter and the eager
-# reference, slow, get one small image of each neck's kind, batch 1 (their kernels are tested at many
-# sizes elsewhere)
-IMAGES = {"padded": (128, 192), "odd": (13, 11)}
-SMALL_IMAGES = {"padded": (64, 64), "odd": (9, 7)}
+# images padded to 64 (strides 4..32 of 128x192) and odd maps, none 1x1 where an LDA_AQU runs (the
+# official's q.view fails on the channels-last conv output of a 1x1 map); the Triton interpreter and
+# the eager reference, slow, get one small image of each neck's kind, batch 1 (their kernels are
+# tested at many sizes elsewhere)
+IMAGES = {"padded": (128, 192), "odd": (19, 13)}
+SMALL_IMAGES = {"padded": (64, 64), "odd": (17, 9)}
 SLOW = ("triton", "reference")
 
 
@@ -345,14 +346,14 @@ def test_fpn_lau_matches_official(kind, backend, image):
 @pytest.mark.parametrize("levels", [dict(start_level=1, num_outs=5, upsample="lda_aqu"),
                                     dict(end_level=2, num_outs=3, upsample="nearest"),
                                     dict(num_outs=4, upsample="bilinear"),
-                                    dict(start_level=2, num_outs=6, upsample="lda_aqu")],
-                         ids=["start1_extra2", "end2", "no_extra", "start2_extra4"])
+                                    dict(start_level=2, num_outs=4, upsample="lda_aqu")],
+                         ids=["start1_extra2", "end2", "no_extra", "start2_extra2"])
 def test_fpn_lau_levels(levels):
     seed = fresh_seed()
     levels = dict(levels)
     cfg = dict(in_channels=[8, 16, 8, 24], out_channels=8, upsample_cfg=LAU_UPSAMPLERS[levels.pop("upsample")],
                **levels)
-    xs = pyramid((11, 14), 4, seed, cfg["in_channels"])
+    xs = pyramid((40, 36), 4, seed, cfg["in_channels"])
     check(FPN_LAU, fpn_lau_shapes, fpn_lau_forward, cfg, xs, "torch", seed)
 
 
