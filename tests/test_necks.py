@@ -227,7 +227,8 @@ def detector_checkpoint(neck_sd, fmt, mmdet):
                "rpn_head.rpn_cls.weight": zeros(3, 256, 1, 1), "rpn_head.rpn_reg.weight": zeros(12, 256, 1, 1),
                "roi_head.bbox_head.shared_fcs.0.weight": zeros(1024, 12544),
                "roi_head.bbox_head.shared_fcs.1.weight": zeros(1024, 1024),
-               "roi_head.bbox_head.fc_cls.weight": zeros(81, 1024), "roi_head.bbox_head.fc_reg.weight": zeros(320, 1024)})
+               "roi_head.bbox_head.fc_cls.weight": zeros(81, 1024),
+               "roi_head.bbox_head.fc_reg.weight": zeros(320, 1024)})
     classes = ("person", "bicycle", "car")
     meta = dict(mmdet_version="2.28.2", CLASSES=classes, epoch=12, iter=87960, config="model = dict(...)") \
         if mmdet == 2 else dict(mmengine_version="0.10.3", dataset_meta=dict(classes=classes), epoch=12)
@@ -265,7 +266,8 @@ def test_released_checkpoint_loads_strictly(tmp_path, name, fmt):
 def test_official_parameter_count():
     neck = FPN_LAU(**kwargs(LAU_CFG))
     assert [sum(p.numel() for p in m.parameters()) for m in neck.upsample_modules] == [39_410] * 4
-    assert sum(p.numel() for p in neck.parameters()) == sum(math.prod(s) for s in fpn_lau_shapes(**kwargs(LAU_CFG)).values())
+    official = sum(math.prod(s) for s in fpn_lau_shapes(**kwargs(LAU_CFG)).values())
+    assert sum(p.numel() for p in neck.parameters()) == official == 8_810_952
 
 
 def test_neck_state_dict_refuses():
@@ -410,7 +412,8 @@ def test_official_initialisation():
     lau = FPN_LAU(IN_CHANNELS, 16, 5, upsample_cfg=LAU_UPSAMPLERS["lda_aqu"])
     assert all(xavier(c.conv.weight) and not c.conv.bias.any() for c in [*lau.lateral_convs, *lau.fpn_convs])
     for m in lau.upsample_modules:
-        assert xavier(m.proj_q.weight) and not m.conv_offset[3].weight.any() and torch.all(m.layer_norm.norm.weight == 1)
+        assert xavier(m.proj_q.weight) and not m.conv_offset[3].weight.any()
+        assert torch.all(m.layer_norm.norm.weight == 1)
     carafe = FPN_LAU(IN_CHANNELS, 16, 5, upsample_cfg=LAU_UPSAMPLERS["carafe"]).upsample_modules[0]
     assert carafe.content_encoder.weight.std() < 0.002 and xavier(carafe.channel_compressor.weight)
     assert xavier(FPN_LAU(IN_CHANNELS, 16, 5, upsample_cfg=LAU_UPSAMPLERS["deconv"]).upsample_modules[0].weight)

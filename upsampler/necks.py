@@ -114,7 +114,7 @@ def _xavier(modules, types):
 
 
 class _Pyramid(nn.Module):
-    """What both necks share: their arguments, lateral and output convs, the top-down sum."""
+    """What both necks share: the pyramid's arguments as mmdet checks them, and the top-down sum."""
 
     def __init__(self, in_channels, out_channels, num_outs, start_level, end_level, backend):
         super().__init__()
@@ -128,10 +128,10 @@ class _Pyramid(nn.Module):
         for i in range(len(laterals) - 1, 0, -1):
             up, (h, w) = self.upsample_modules[i - 1](laterals[i]), laterals[i - 1].shape[-2:]
             if up.shape[-2:] != (h, w) and not (crop and up.shape[-2] >= h and up.shape[-1] >= w):
-                raise ValueError(
-                    f"level {i} upsampled to {tuple(up.shape[-2:])}, which {'cannot be cropped to' if crop else '!='} "
-                    f"the {(h, w)} of level {i - 1} (as in the official {type(self).__name__}); pad the image "
-                    f"to a multiple of the largest stride")
+                rule = "crops the upsampled map, never pads it" if crop else "adds the upsampled map as it is"
+                raise ValueError(f"level {i} upsampled to {tuple(up.shape[-2:])}, level {i - 1} is {(h, w)}: "
+                                 f"{type(self).__name__} {rule}, as the official; pad the image to a multiple "
+                                 f"of the largest stride")
             laterals[i - 1] = laterals[i - 1] + up[..., :h, :w]
         return laterals
 
