@@ -4,6 +4,7 @@ out of detector checkpoint files, and against re-derivations of the official for
 backend) on the sizes the official pipelines give and on odd ones."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,7 +271,14 @@ def test_official_parameter_count():
     assert sum(p.numel() for p in neck.parameters()) == official == 8_810_952
 
 
-def test_neck_state_dict_refuses():
+def test_neck_state_dict_refuses(tmp_path):
+    """Checkpoints whose meta pickles other objects (mmengine's may hold numpy scalars) load only with
+    weights_only=False."""
+    torch.save({"meta": {"seed": np.int64(3)}, "state_dict": {"neck.fpn_convs.0.conv.bias": torch.ones(2)}},
+               tmp_path / "c.pth")
+    with pytest.raises(ValueError, match="weights_only=False"):
+        neck_state_dict(tmp_path / "c.pth")
+    assert torch.equal(neck_state_dict(tmp_path / "c.pth", weights_only=False)["fpn_convs.0.conv.bias"], torch.ones(2))
     with pytest.raises(ValueError, match="neck"):
         neck_state_dict({"state_dict": {"backbone.conv1.weight": torch.zeros(1)}})
     with pytest.raises(TypeError, match="checkpoint"):
