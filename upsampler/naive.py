@@ -16,7 +16,10 @@ PADDINGS = ("zeros", "border")
 
 def align_corners_ratio(n_in: int, n_out: int) -> float:
     """Input pixels per output pixel under align_corners=True; 0 when the output is one pixel wide."""
-    return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    if isinstance(n_out, int):
+        return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    # a symbolic size (export): min/max instead of a branch, whose guard n_out > 1 would bind the size
+    return (n_in - 1) * torch.sym_min(n_out - 1, 1) / torch.sym_max(n_out - 1, 1)
 
 
 def base_grid(kernel_size, dtype=torch.float64, device=None) -> torch.Tensor:
