@@ -86,7 +86,8 @@ def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padd
             idx = torch.where(inside, y * W + x, 0).long()
             idx = rearrange(idx, "b g k h w -> b g k () (h w)").expand(B, G, K, c, Ho * Wo)
             val = rearrange(torch.gather(flat, -1, idx), "b g k c (h w) -> b g k c h w", h=Ho)
-            out = out + (w * inside)[:, :, :, None] * val
+            # a corner outside reads an exact zero, not 0 * v[0, 0] (NaN there would spread everywhere)
+            out = out + w[:, :, :, None] * torch.where(inside[:, :, :, None], val, 0)
     return out
 
 
