@@ -169,19 +169,21 @@ def _reads(t, args, rule, y, x):
     iy, ix = torch.broadcast_tensors(iy, ix)
     if rule["padding"] == "border":
         iy, ix = iy.clamp(0, 3), ix.clamp(0, 4)
-    hit = ((iy.floor() == y) | (iy.floor() == y - 1)) & ((ix.floor() == x) | (ix.floor() == x - 1))
+    if rule["coords"] == "nearest":
+        hit = (iy == y) & (ix == x)
+    else:
+        hit = ((iy.floor() == y) | (iy.floor() == y - 1)) & ((ix.floor() == x) | (ix.floor() == x - 1))
     return hit.any(2).repeat_interleave(4 // G, 1)  # [1, G, Ho, Wo] -> channels
 
 
-@pytest.mark.parametrize("mode", ["attention", "unit", pytest.param("logits", marks=pytest.mark.xfail(
-    strict=True, reason="Triton reads one corner at the nearest rule's integer positions (EXACT), so a NaN "
-                        "does not reach the zero-weight corners' outputs there; the other backends read four"))])
+@pytest.mark.parametrize("mode", ["attention", "logits", "unit"])
 def test_one_nan_contract_across_backends(mode):
     """A NaN reaches exactly: from v[c, y, x], the outputs of channel c with a sample whose four bilinear
     corners include (y, x), whatever the corner's weight (0 * NaN is NaN; corners outside the map read
     exact zeros); from k, the same outputs widened to every channel of the head (the softmax's logits);
     from q, a logit or a weight at (Y, X), every channel of its head there; from an offset at (Y, X),
-    every channel it moves (its group; with attention, the heads that share it)."""
+    every channel it moves (its group; with attention, the heads that share it). At the nearest rule's
+    integer positions without offsets (CARAFE) a sample reads its pixel alone."""
     seed = fresh_seed()
     t, args, rule = _nan_case(mode, seed)
     C, Ho, Wo = 4, 8, 10
