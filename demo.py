@@ -62,6 +62,7 @@ def main():
     img = scene(*args.size)
     x = features(img, args.channels, gen).to(dev)
 
+    torch.manual_seed(args.seed)  # the initialisation too: the same figure and numbers every run
     m = LDAAQU(args.channels, k_u=3, n_groups=2).to(dev)
     with torch.no_grad():  # stand-in for trained weights: a last offset conv that deforms the grid
         m.conv_offset[-1].weight.normal_(0, 0.15, generator=gen.manual_seed(args.seed + 1))

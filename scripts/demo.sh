@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: set up, then run the demo (both backends on a feature map, a picture of where
+# The demo (demo.py): set up, then run it (both backends on a feature map, a picture of where
 # output pixels sample). Extra arguments go to demo.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

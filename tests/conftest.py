@@ -22,7 +22,9 @@ def poison_empty(monkeypatch):
 
     def poisoned(*args, **kwargs):
         t = empty(*args, **kwargs)
-        if t.is_floating_point():
-            return t.fill_(float("nan"))
-        return t.fill_(-(2**30)) if t.dtype in (torch.int32, torch.int64) else t
+        if t.is_floating_point():  # through detach(): torch.empty(..., requires_grad=True) is a leaf (Inductor's)
+            t.detach().fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.detach().fill_(-(2**30))
+        return t
     monkeypatch.setattr(torch, "empty", poisoned)

@@ -31,3 +31,16 @@ def test_bad_arguments_raise():
         interpolate(x, (6, 6), "nearest", align_corners=False)
     with pytest.raises(TypeError, match="size"):
         interpolate(x, 6, "bilinear")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_scale_factor_as_f_interpolate(mode):
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    for s in (2, 3.0, (2, 3), 0.5):
+        expect = F.interpolate(x, scale_factor=s, mode=mode, recompute_scale_factor=True)
+        got = interpolate(x, scale_factor=s, mode=mode, backend="torch")
+        assert got.shape == expect.shape and (got - expect).abs().max() < 1e-12, s
+    with pytest.raises(ValueError, match="exactly one of size and scale_factor"):
+        interpolate(x, (4, 4), scale_factor=2)
+    with pytest.raises(ValueError, match="scale_factor must be"):
+        interpolate(x, scale_factor=-1.0)

@@ -103,7 +103,7 @@ def test_bad_input_raises():
         m(torch.randn(16, 4, 4))
     with pytest.raises(TypeError, match="x must be"):
         m([1, 2])
-    with pytest.raises(ValueError, match="empty output"):
+    with pytest.raises(ValueError, match="output height of 0"):
         LDAAQU(16, scale_factor=0.2)(torch.randn(1, 16, 4, 4))
 
 

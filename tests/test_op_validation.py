@@ -39,7 +39,7 @@ BAD = {
     "rpb type": (dict(rpb=[0.0]), TypeError, "rpb must be"),
     "scale": (dict(scale=float("nan")), ValueError, "scale must be"),
     "backend": (dict(backend="cuda"), ValueError, "backend must be one of"),
-    "empty": (dict(k=torch.randn(1, 8, 0, 5), v=torch.randn(1, 16, 0, 5)), ValueError, "empty input"),
+    "empty": (dict(k=torch.randn(1, 8, 0, 5), v=torch.randn(1, 16, 0, 5)), ValueError, "v has height 0"),
 }
 
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import check_backend, local_upsample
-from .module import _check_input, _odd_int, _positive_int, _size_arg
+from .functional import check_backend, local_upsample, not_scriptable
+from .module import _check_input, _empty_batch, _odd_int, _positive_int, _same_size, _size_arg
 
 
 class CARAFE(nn.Module):
@@ -53,17 +53,21 @@ class CARAFE(nn.Module):
         nn.init.normal_(self.content_encoder.weight, std=0.001)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        _check_input(x, self.channels)
+        _check_input(x, self.channels, self.channel_compressor.weight)
         B, _, H, W = x.shape
         s, k = self.scale_factor, self.up_kernel
         size = _size_arg(size, (H * s, W * s))
+        if B == 0:
+            return _empty_batch(self, x, size)
         # channel (g*k*k + n)*s*s + i*s + j is neighbour n of sub-pixel (i, j): pixel_shuffle lays it out
         logits = F.pixel_shuffle(self.content_encoder(self.channel_compressor(x)), s)
-        if size != (H * s, W * s):
+        if not _same_size(size, (H * s, W * s)):
             logits = F.interpolate(logits, size=size, mode="nearest")
         # the op normalises the logits (softmax over the k*k neighbours of each group) on the fly
         return local_upsample(x, size, logits=logits.view(B, self.up_group, k * k, *size), kernel_size=k,
                               coords="nearest", padding="zeros", backend=self.backend)
+
+    __prepare_scriptable__ = not_scriptable
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, scale_factor={self.scale_factor}, up_kernel={self.up_kernel}, "

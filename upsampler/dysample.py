@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import check_backend, local_upsample
-from .module import _check_input, _positive_int, _size_arg
+from .functional import check_backend, local_upsample, not_scriptable
+from .module import _check_input, _empty_batch, _positive_int, _same_size, _size_arg
 
 STYLES = ("lp", "pl")
 
@@ -75,21 +75,25 @@ class DySample(nn.Module):
                 nn.init.zeros_(self.scope.bias)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        _check_input(x, self.in_channels)
+        _check_input(x, self.in_channels, self.offset.weight)
         B, C, H, W = x.shape
         s, G = self.scale, self.groups
         size = _size_arg(size, (H * s, W * s))
+        if B == 0:
+            return _empty_batch(self, x, size)
         feat = x if self.style == "lp" else F.pixel_shuffle(x, s)
         off = self.offset(feat)
         off = off * self.scope(feat).sigmoid() * 0.5 if self.dyscope else off * 0.25
         if self.style == "lp":  # channel (xy*G + g)*s*s + i*s + j is sub-pixel (i, j): pixel_shuffle lays it out
             off = F.pixel_shuffle(off, s)
-        if size != (H * s, W * s):
+        if not _same_size(size, (H * s, W * s)):
             off = F.interpolate(off, size=size, mode="nearest")
         # [B, (x|y, G), h, w] -> the op's [B, (G, y|x), h, w]
         off = torch.stack((off[:, G:], off[:, :G]), 2).reshape(B, 2 * G, *size)
         return local_upsample(x, size, offset=off, num_groups=G, coords="half_pixel", padding="border",
                               backend=self.backend)
+
+    __prepare_scriptable__ = not_scriptable
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, scale={self.scale}, style={self.style!r}, groups={self.groups}, "

@@ -8,7 +8,8 @@ from torch import nn
 from .carafe import CARAFE
 from .dysample import DySample
 from .interpolation import interpolate
-from .module import LDAAQU, _positive_int
+from .functional import not_scriptable
+from .module import LDAAQU, _check_input, _positive_int
 
 LEARNED = {"carafe": (CARAFE, "scale_factor"), "dysample": (DySample, "scale"), "lda_aqu": (LDAAQU, "scale_factor")}
 UPSAMPLERS = ("nearest", "bilinear", *LEARNED)
@@ -25,13 +26,13 @@ class _ConvModule(nn.Module):
         return self.conv(x)
 
 
-def check_pyramid(inputs, in_channels):
-    """inputs: a list or tuple of (B, in_channels[i], H_i, W_i) maps, one per level."""
+def check_pyramid(inputs, in_channels, weight: torch.Tensor):
+    """inputs: a list or tuple of (B, in_channels[i], H_i, W_i) maps, one per level, on the device and in
+    the dtype of the neck's parameters (`weight`)."""
     if not isinstance(inputs, (list, tuple)) or len(inputs) != len(in_channels):
         raise ValueError(f"inputs must be a list or tuple of {len(in_channels)} maps, one per in_channels")
     for i, (x, c) in enumerate(zip(inputs, in_channels)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != c:
-            raise ValueError(f"inputs[{i}] must be (B, {c}, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+        _check_input(x, c, weight, f"inputs[{i}]")
 
 
 def check_channels(in_channels, out_channels) -> tuple[list, int]:
@@ -83,7 +84,7 @@ class FPN(nn.Module):
             self.interpolate_cfg = dict(cfg, mode=upsampler)
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
-        check_pyramid(inputs, self.in_channels)
+        check_pyramid(inputs, self.in_channels, self.lateral_convs[0].conv.weight)
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
         for i in range(len(laterals) - 1, 0, -1):
             size = tuple(laterals[i - 1].shape[-2:])
@@ -96,6 +97,8 @@ class FPN(nn.Module):
         while len(outs) < self.num_outs:
             outs.append(F.max_pool2d(outs[-1], 1, stride=2))
         return tuple(outs)
+
+    __prepare_scriptable__ = not_scriptable
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, num_outs={self.num_outs}, " \

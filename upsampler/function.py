@@ -9,6 +9,8 @@ import torch
 
 from kernels.launchers import Problem, Spec, upsample_bwd, upsample_fwd
 
+from .torch_path import refuse_double_backward
+
 
 def _config(v, size, q, spec: Spec, backward: bool):
     if not v.is_cuda:
@@ -54,6 +56,9 @@ def upsample_bwd_op(dout: torch.Tensor, v: torch.Tensor, size: list[int], offset
 @upsample_bwd_op.register_fake
 def _(dout, v, size, offset, q, k, rpb, wts, attn, G, NH, K, weights, coords, padding, grid, scale, deterministic):
     return [torch.empty_like(t) if t is not None else v.new_empty(0) for t in (v, offset, q, k, rpb, wts)]
+
+
+refuse_double_backward("lda_aqu::upsample_bwd")
 
 
 class LocalUpsampleFunction(torch.autograd.Function):

@@ -26,15 +26,37 @@ def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:
     return None
 
 
+def autocasting(device_type: str) -> bool:
+    # is_autocast_enabled raises for devices without autocast (meta: shape inference, model summaries)
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
 
 
+def refuse_jit():
+    """TorchScript cannot script this library (custom ops with optional tensors, symbolic sizes), and a
+    trace would bake the input size into the graph: say which routes work instead."""
+    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+        raise RuntimeError("torch.jit.trace is not supported (the trace would fix the input size); use "
+                           "torch.compile, torch.export (then AOTInductor for C++ deployment) or torch.onnx.export")
+
+
+def not_scriptable(module):
+    """`__prepare_scriptable__` of the modules: torch.jit.script calls it first."""
+    raise RuntimeError(f"torch.jit.script is not supported for {type(module).__name__}; use torch.compile, "
+                       f"torch.export (then AOTInductor for C++ deployment) or torch.onnx.export")
+
+
 def select_backend(backend: str, *tensors: torch.Tensor) -> str:
     check_backend(backend)
-    if is_exporting():  # exporters lower standard ops only: not the Triton custom op, not the CPU one
+    refuse_jit()
+    # exporters lower standard ops only (not the Triton custom op, not the CPU one); meta tensors (shape
+    # inference, init on meta) need no kernel, and the plain graph has meta kernels throughout
+    if is_exporting() or tensors[0].is_meta:
         return "torch"
     if backend in ("reference", "torch"):
         return backend
@@ -76,6 +98,15 @@ def _floating(name: str, t, dim: int = 4):
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def _check_extent(name: str, t: torch.Tensor):
+    """A zero height or width is an error (an empty batch is not). Separate comparisons: min() over
+    symbolic sizes would make torch.export relate sizes that have nothing to do with each other."""
+    if t.shape[-2] == 0:
+        raise ValueError(f"{name} has height 0: shape {tuple(t.shape)}")
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} has width 0: shape {tuple(t.shape)}")
+
+
 def _check(q, k, v, offset, rpb, num_heads, num_groups):
     for name, t in (("q", q), ("k", k), ("v", v), ("offset", offset)):
         _floating(name, t)
@@ -96,8 +127,11 @@ def _check(q, k, v, offset, rpb, num_heads, num_groups):
         raise ValueError(f"k is {tuple(k.shape[2:])} but v is {(H, W)} in space")
     if offset.shape[2:] != q.shape[2:]:
         raise ValueError(f"offset is {tuple(offset.shape[2:])} but q is {(Ho, Wo)} in space")
-    if min(D, C, H, W, Ho, Wo) == 0:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, v {tuple(v.shape)}")
+    for name, t, n in (("q", q, D), ("v", v, C)):
+        if n == 0:
+            raise ValueError(f"{name} has no channels: shape {tuple(t.shape)}")
+    _check_extent("v", v)
+    _check_extent("q", q)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if D % num_heads or C % num_heads:
@@ -126,8 +160,13 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
         raise TypeError(f"size must be a pair of ints (Ho, Wo), got {size!r}")
     B, C, H, W = v.shape
     Ho, Wo = size
-    if min(B, C, H, W) == 0 or Ho < 1 or Wo < 1:
-        raise ValueError(f"empty input or output: v {tuple(v.shape)}, size {tuple(size)}")
+    if C == 0:
+        raise ValueError(f"v has no channels: shape {tuple(v.shape)}")
+    _check_extent("v", v)
+    if Ho < 1:
+        raise ValueError(f"size must be positive, got height {Ho}")
+    if Wo < 1:
+        raise ValueError(f"size must be positive, got width {Wo}")
     if coords not in COORDS:
         raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
     if padding not in PADDINGS:
@@ -266,7 +305,7 @@ def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = No
     Returns:
         [B, C, Ho, Wo] in v's dtype (the autocast dtype under autocast).
     """
-    if isinstance(v, torch.Tensor) and torch.is_autocast_enabled(v.device.type):
+    if isinstance(v, torch.Tensor) and autocasting(v.device.type):
         dt = torch.get_autocast_dtype(v.device.type)
         v, offset, q, k, rpb, logits, weights = (
             t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -277,10 +316,25 @@ def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = No
         scale = 1.0
     elif scale is None:
         scale = (q.shape[1] // nh) ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    _check_scale(scale)
+    if v.shape[0] == 0:
+        return empty_output((0, v.shape[1], *size), v, offset, q, k, rpb, logits, weights)
     return _run(backend, v, tuple(size), offset, q, k, rpb, logits, weights, kernel_size, G, nh, float(scale), coords,
                 padding)
+
+
+def _check_scale(scale):
+    # abs(scale) < inf rather than math.isfinite: torch.compile(dynamic=True) passes a module's float
+    # attribute as a symbolic float, which compares but has no math.isfinite
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not abs(scale) < math.inf:
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+
+
+def empty_output(shape, *inputs) -> torch.Tensor:
+    """The output of an empty batch: an empty tensor of `shape`, on the autograd graph of every input
+    (so that each gets a gradient, empty or zero, as from a convolution) without running a kernel."""
+    tied = sum(t.sum() for t in inputs if t is not None) * 0
+    return tied.to(inputs[0].dtype).expand(shape).contiguous()
 
 
 def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
@@ -320,7 +374,7 @@ def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Returns:
         [B, C, Ho, Wo] in the inputs' dtype (the autocast dtype under autocast).
     """
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+    if isinstance(q, torch.Tensor) and autocasting(q.device.type):
         # one dtype for all: the autocast one, with fp32 accumulation inside
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v, offset, rpb = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -328,7 +382,8 @@ def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     G = _check(q, k, v, offset, rpb, num_heads, num_groups)
     if scale is None:
         scale = (q.shape[1] // num_heads) ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    _check_scale(scale)
+    if q.shape[0] == 0:
+        return empty_output((0, *v.shape[1:2], *q.shape[-2:]), q, k, v, offset, rpb)
     return _run(backend, v, tuple(q.shape[-2:]), offset, q, k, rpb, None, None, None, G, num_heads, float(scale),
                 "align_corners", "zeros")

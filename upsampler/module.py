@@ -7,8 +7,10 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .functional import check_backend, deformable_local_attention
+from .functional import (autocasting, check_backend, deformable_local_attention, empty_output, not_scriptable,
+                         refuse_jit)
 from .naive import align_corners_ratio
 
 
@@ -70,11 +72,39 @@ def _odd_int(name: str, value) -> int:
     return int(value)
 
 
-def _check_input(x, channels: int):
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_input(x, channels: int, weight: torch.Tensor, name: str = "x"):
+    """x of a module whose parameters are like `weight`: a floating (B, channels, H, W) map on the
+    parameters' device, in their dtype unless autocast casts it. H and W must be positive; B may be 0."""
+    refuse_jit()
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"x must be (B, {channels}, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"{name} must be (B, {channels}, H, W), got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, one of {FLOAT_DTYPES}, got {x.dtype}: convert it, "
+                        f"e.g. {name}.float()")
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the module's parameters are on {weight.device}: move one "
+                         f"to the other (module.to({name}.device))")
+    if x.dtype != weight.dtype and not autocasting(x.device.type):
+        raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: convert the "
+                        f"module (module.to({x.dtype})) or the input ({name}.to({weight.dtype})), or for mixed "
+                        f"precision run under torch.autocast(\"{x.device.type}\", dtype=torch.bfloat16 or float16)")
+    # separate comparisons: min() over symbolic sizes would relate unrelated ones under torch.export
+    if x.shape[2] == 0:
+        raise ValueError(f"{name} has height 0: shape {tuple(x.shape)}")
+    if x.shape[3] == 0:
+        raise ValueError(f"{name} has width 0: shape {tuple(x.shape)}")
+
+
+def _empty_batch(module: nn.Module, x: torch.Tensor, size) -> torch.Tensor:
+    """A module's output for an empty batch, [0, C, *size], on the graph of x and every parameter (so
+    they get gradients, empty or zero, as a convolution's would); no layer runs, as some (pixel_shuffle's
+    backward) fail on an empty batch."""
+    return empty_output((0, x.shape[1], *size), x, *module.parameters())
 
 
 def _size_arg(size, default):
@@ -84,9 +114,18 @@ def _size_arg(size, default):
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 \
             or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in size):
         raise TypeError(f"size must be None or a pair of ints (h, w), got {size!r}")
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"size must be positive, got {tuple(size)}")
+    if size[0] < 1:
+        raise ValueError(f"size must be positive, got height {size[0]}")
+    if size[1] < 1:
+        raise ValueError(f"size must be positive, got width {size[1]}")
     return tuple(size)
+
+
+def _same_size(size, other) -> bool:
+    """size == other, without a guard where a size is symbolic (torch.export would otherwise tie the FPN
+    level sizes to each other): what is not known to be equal counts as different, and the callers'
+    path for a different size is exact for an equal one too."""
+    return all(statically_known_true(a == b) for a, b in zip(size, other))
 
 
 class LDAAQU(nn.Module):
@@ -168,12 +207,15 @@ class LDAAQU(nn.Module):
         return H * num // den, W * num // den
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
-        _check_input(x, self.in_channels)
+        _check_input(x, self.in_channels, self.proj_q.weight)
         B, C, H, W = x.shape
         Ho, Wo = _size_arg(size, self.output_size(H, W))
-        if min(B, H, W, Ho, Wo) < 1:
-            raise ValueError(f"x of shape {tuple(x.shape)} at scale_factor={self.scale_factor} gives an empty "
-                             f"output {(B, C, Ho, Wo)}")
+        for name, n in (("height", Ho), ("width", Wo)):
+            if n < 1:
+                raise ValueError(f"x of shape {tuple(x.shape)} at scale_factor={self.scale_factor} gives an output "
+                                 f"{name} of {n}: pass a larger x or size=(h, w)")
+        if B == 0:
+            return _empty_batch(self, x, (Ho, Wo))
         G, D = self.n_groups, self.hidden_dim
         # Under torch.compile with dynamic H and W, no tensor that autograd saves (a conv's input, the
         # Triton op's inputs) may be a permute or reshape view: Inductor 2.13 orders such a view's
@@ -191,6 +233,8 @@ class LDAAQU(nn.Module):
         rpb = self.relative_position_bias_table.reshape(self.num_heads, self.k_u ** 2, -1) if self.rpb else None
         return deformable_local_attention(q, k, x, offset, rpb, num_heads=self.num_heads, num_groups=G,
                                           scale=self.scale, backend=self.backend)
+
+    __prepare_scriptable__ = not_scriptable
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, scale_factor={self.scale_factor}, k_u={self.k_u}, "

@@ -16,7 +16,10 @@ PADDINGS = ("zeros", "border")
 
 def align_corners_ratio(n_in: int, n_out: int) -> float:
     """Input pixels per output pixel under align_corners=True; 0 when the output is one pixel wide."""
-    return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    if isinstance(n_out, int):
+        return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    # a symbolic size (export): min/max instead of a branch, whose guard n_out > 1 would bind the size
+    return (n_in - 1) * torch.sym_min(n_out - 1, 1) / torch.sym_max(n_out - 1, 1)
 
 
 def base_grid(kernel_size, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -60,8 +63,10 @@ def _clamp(i, hi):
     return torch.where(i <= 0, torch.zeros_like(i), torch.where(i >= hi, torch.full_like(i, hi), i))
 
 
-def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
-    """grid_sample(mode='bilinear') at input-pixel coordinates, zeros or border padding.
+def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padding: str = "zeros",
+                    exact: bool = False) -> torch.Tensor:
+    """grid_sample(mode='bilinear') at input-pixel coordinates, zeros or border padding; `exact`: the
+    positions are integers (the nearest rule without offsets), and only the pixel itself is read.
 
     feat [B, G, c, H, W]; iy, ix [B or 1, G, K, Ho, Wo] -> [B, G, K, c, Ho, Wo]. NaN positions give NaN.
     """
@@ -74,8 +79,9 @@ def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padd
     flat = rearrange(feat, "b g c h w -> b g () c (h w)").expand(B, G, K, c, H * W)
     y0, x0 = iy.floor(), ix.floor()
     out = 0
-    for dy in (0, 1):
-        for dx in (0, 1):
+    corners = (0,) if exact else (0, 1)  # exact: the other three corners weigh 0 and are not read (NaN stays out)
+    for dy in corners:
+        for dx in corners:
             y, x = y0 + dy, x0 + dx
             # weight of this corner: 1 - distance along each axis
             w = (iy - y0 if dy else y0 + 1 - iy) * (ix - x0 if dx else x0 + 1 - ix)
@@ -83,7 +89,8 @@ def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padd
             idx = torch.where(inside, y * W + x, 0).long()
             idx = rearrange(idx, "b g k h w -> b g k () (h w)").expand(B, G, K, c, Ho * Wo)
             val = rearrange(torch.gather(flat, -1, idx), "b g k c (h w) -> b g k c h w", h=Ho)
-            out = out + (w * inside)[:, :, :, None] * val
+            # a corner outside reads an exact zero, not 0 * v[0, 0] (NaN there would spread everywhere)
+            out = out + w[:, :, :, None] * torch.where(inside[:, :, :, None], val, 0)
     return out
 
 
@@ -100,7 +107,8 @@ def local_upsample_ref(v, size, *, offset=None, q=None, k=None, rpb=None, logits
                        dtype=v.dtype, device=v.device)
 
     def sample(x):  # [B, ch, H, W] -> [B, nh, K, ch // nh, Ho, Wo], each group at its own positions
-        s = bilinear_sample(rearrange(x, "b (g c) h w -> b g c h w", g=G), iy, ix, padding)
+        s = bilinear_sample(rearrange(x, "b (g c) h w -> b g c h w", g=G), iy, ix, padding,
+                            exact=coords == "nearest" and offset is None)
         return rearrange(s, "b g k c h w -> b k (g c) h w").unflatten(2, (nh, -1)).transpose(1, 2)
 
     vs = sample(v)

@@ -204,7 +204,7 @@ class FPN_LAU(_Pyramid):
                 m.init_weights()
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
-        check_pyramid(inputs, self.in_channels)
+        check_pyramid(inputs, self.in_channels, self.lateral_convs[0].conv.weight)
         laterals, n = [], self.backbone_end_level - self.start_level
         for i, conv in enumerate(self.lateral_convs):
             laterals.append(conv(inputs[self.start_level + i] if i < n else
@@ -287,7 +287,7 @@ class FPN_UPSAMPLE(_Pyramid):
         _xavier(self.modules(), nn.Conv2d)
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
-        check_pyramid(inputs, self.in_channels)
+        check_pyramid(inputs, self.in_channels, self.lateral_convs[0].conv.weight)
         laterals = [conv(inputs[self.start_level + i]) for i, conv in enumerate(self.lateral_convs)]
         laterals = self._top_down(laterals, crop=False)
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]

@@ -123,7 +123,10 @@ class _Pairs:
         cell = cell.nan_to_num(nan=-PAD).clamp(min=torch.full_like(lim, -PAD), max=lim + 1).long() + PAD
         batch = torch.arange(B, device=device).repeat_interleave(Ho * Wo).view(1, -1, 1) * (Hp * Wp)
         lin = cell[..., 0] * Wp + cell[..., 1] + batch
-        self.idx = lin[..., None] + torch.tensor([0, 1, Wp, Wp + 1], device=device)
+        if coords == "nearest" and offset is None:  # integer positions: read the pixel only, as the kernels do
+            self.idx = torch.stack([lin, *[torch.zeros_like(lin)] * 3], -1)  # row 0: a zero pad of batch 0
+        else:
+            self.idx = lin[..., None] + torch.tensor([0, 1, Wp, Wp + 1], device=device)
         self._pattern = [None] * G
         self._sorted = [None] * G
 
@@ -312,6 +315,17 @@ def _grad(ctx, dout, _dw):
 torch.library.register_autograd("lda_aqu::local_upsample_cpu", _grad, setup_context=_setup)
 
 
+def refuse_double_backward(op: str):
+    """Registers, as the autograd formula of a backward op, an error that says where double backward is."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward (a gradient of a gradient, create_graph=True) is not implemented by "
+                           f"{op}; backend='reference' supports it (plain autograd through the eager op)")
+    torch.library.register_autograd(op, backward)
+
+
+refuse_double_backward("lda_aqu::local_upsample_cpu_bwd")
+
+
 def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
     """The same op as standard differentiable ops (grid_sample per neighbour): for export, devices
     other than the CPU, and one-sample upsamplers. Samples are taken one neighbour at a time, but
@@ -332,8 +346,13 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
         grid = grid.expand(v.shape[0], G, K, Ho, Wo, 2)
 
     def sample(x, n):  # [B, ch, H, W] -> [B, nh, ch // nh, Ho, Wo], each group at its own positions
-        s = F.grid_sample(x.reshape(-1, x.shape[1] // G, H, W), grid[:, :, n].reshape(-1, Ho, Wo, 2),
-                          mode="bilinear", padding_mode=padding, align_corners=False)
+        g = grid[:, :, n].reshape(-1, Ho, Wo, 2)
+        # integer positions (the nearest rule, no offsets): the pixel alone, as the kernels read it
+        mode = "nearest" if coords == "nearest" and offset is None else "bilinear"
+        s = F.grid_sample(x.reshape(-1, x.shape[1] // G, H, W), g, mode=mode, padding_mode=padding,
+                          align_corners=False)
+        if padding == "border":  # grid_sample clips a NaN position into the map; the contract is NaN out
+            s = s.masked_fill(g.isnan().any(-1)[:, None], float("nan"))
         return s.reshape(-1, nh, x.shape[1] // nh, Ho, Wo)
 
     if q is not None:
