@@ -77,11 +77,13 @@ def test_aoti_package_runs_at_a_new_size(tmp_path):
     m = DySample(8, 2, groups=2).eval()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    ep = torch.export.export(m, (torch.randn(2, 8, 5, 6),), dynamic_shapes={"x": _free("h", "w")})
+    m = m.double()  # float64: the C++ kernels' fused arithmetic then parts from eager by rounding alone
+    ep = torch.export.export(m, (torch.randn(2, 8, 5, 6, dtype=torch.float64),),
+                             dynamic_shapes={"x": _free("h", "w")})
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "dysample.pt2"))
     runner = torch._inductor.aoti_load_package(path)
     for shape in ((1, 8, 1, 1), (3, 8, 7, 4)):
-        x = torch.randn(shape)
+        x = torch.randn(shape, dtype=torch.float64)
         with torch.no_grad():
             got, expect = runner(x), m(x)
-        assert got.shape == expect.shape and (got - expect).abs().max() < 1e-5, f"{shape}, seed={seed}"
+        assert got.shape == expect.shape and (got - expect).abs().max() < 1e-12, f"{shape}, seed={seed}"
