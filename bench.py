@@ -128,7 +128,7 @@ def _input(shape, dtype, grad, mode=None):
         return torch.randn(*shape, device="cuda" if GPU else "cpu", dtype=dtype, requires_grad=grad)
 
 
-def module_build(shape, k_u, s, backends=("torch",)):
+def module_build(shape, k_u, s, backends=("triton",) if GPU else ("torch",)):
     """LDAAQU (each backend) and the official-style forward, one set of official-keyed weights."""
     def build(dtype=torch.float32, grad=False, mode=None):
         m = ldaaqu(shape[1], k_u, s, dev="cuda" if GPU else "cpu", dtype=dtype)
