@@ -93,7 +93,7 @@ def _lines(ax, sel, x_key, line_key, y_key, scale_y=1.0):
                         else f"{b}, {'k_u' if line_key == 'k_u' else 's'}={v:g}")
     ax.set_xticks(sorted({r[x_key] for r in sel}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="best", framealpha=0.6)
 
 
 def _figure(panels, n_cols, w=6.4, h=4.2):
@@ -247,7 +247,7 @@ def plot_all(rows, out: str) -> list[str]:
 
 def _save(fig, out, name):
     path = os.path.join(out, name)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the two-line suptitle
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
