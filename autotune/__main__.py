@@ -1,6 +1,7 @@
 """python -m autotune sweep|show|clear|inspect: tune offline, look up at run time, read the compiled code."""
 import argparse
 import itertools
+import json
 import math
 import os
 import sys
@@ -41,11 +42,33 @@ def _sweep(args):
 
 
 def _show(args):
+    """This device's entries as a table (committed defaults, then the user's cache over them), or with
+    --json the user's file as written."""
     path = cache.cache_path()
-    if not path.exists():
-        print(f"no tuning cache at {path}")
+    if args.json:
+        print(path.read_text() if path.exists() else "{}")
         return
-    print(f"{path}\n{path.read_text()}")
+    files = [p for p in (cache.DEFAULTS / path.name, path) if p.exists()]
+    if not files:
+        print(f"no tuning cache at {path}, and no committed table for this device in {cache.DEFAULTS}: the "
+              "launchers use their default configurations")
+        return
+    print(f"{'bucket':44} {'configuration':30} {'time ms':>9} {'default ms':>10}  verified  source")
+    for f in files:
+        try:
+            entries = cache._read(f)
+            timings = json.loads(f.read_text()).get("timings", {})
+        except ValueError as e:
+            print(f"skipped: {e}")
+            continue
+        for key, c in sorted(entries.items()):
+            t = timings.get(key, {})
+            cfg = f"P{c.block_p} D{c.block_d} C{c.block_c} w{c.num_warps} s{c.num_stages}" \
+                  f"{' cl' if c.channels_last else ''}"
+            ms, dms = (f"{t[n]:.3f}" if n in t else "-" for n in ("ms", "default_ms"))
+            # the sweep stores a winner only after it matched the reference
+            verified = f"yes {t['rel_err']:.0e}" if "rel_err" in t else "yes"
+            print(f"{key:44} {cfg:30} {ms:>9} {dms:>10}  {verified:8}  {f}")
 
 
 def _clear(args):
@@ -117,7 +140,9 @@ def main(argv=None):
     sw.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
                     help="also tune the backward kernel (default: yes)")
     sw.set_defaults(fn=_sweep)
-    sub.add_parser("show", help="print this device's cache").set_defaults(fn=_show)
+    sh = sub.add_parser("show", help="print this device's tuned configurations as a table")
+    sh.add_argument("--json", action="store_true", help="print the raw cache file instead")
+    sh.set_defaults(fn=_show)
     sub.add_parser("clear", help="delete this device's cache").set_defaults(fn=_clear)
     ins = sub.add_parser("inspect", help="compile what the op launches at one problem for a GPU and read the code: "
                                          "registers, spills, shared memory, loads by width, atomics, fences")

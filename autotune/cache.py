@@ -97,17 +97,22 @@ def lookup(pb: Problem, dtype: torch.dtype, backward: bool = False) -> Optional[
     return _entries.get(bucket(pb, dtype, backward))
 
 
-def store(entries: dict) -> Path:
-    """Merge entries {bucket: Config} into this device's file, atomically (no reader sees half a file)."""
+def store(entries: dict, timings: Optional[dict] = None) -> Path:
+    """Merge entries {bucket: Config} into this device's file, atomically (no reader sees half a file);
+    timings {bucket: {"ms", "default_ms", "rel_err"}} record what the sweep measured (`show` prints them;
+    lookups never read them)."""
     global _entries
     path = cache_path()
     try:
         merged = _read(path)
+        measured = json.loads(path.read_text()).get("timings", {}) if path.exists() else {}
     except ValueError:
-        merged = {}  # a foreign or corrupt file is replaced
+        merged, measured = {}, {}  # a foreign or corrupt file is replaced
     merged.update(entries)
+    measured = {k: v for k, v in {**measured, **(timings or {})}.items() if k in merged}
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"header": identity(), "entries": {k: dataclasses.asdict(c) for k, c in sorted(merged.items())}}
+    data = {"header": identity(), "entries": {k: dataclasses.asdict(c) for k, c in sorted(merged.items())},
+            "timings": dict(sorted(measured.items()))}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

@@ -164,7 +164,8 @@ def sweep(pbs: list[Problem], dtypes: list[str], backward: bool, quick: bool, lo
         t = time.perf_counter()
         row = tune(pb, dt, bwd, quick, cc, seed=i, log=log)
         if row.status == "ok":
-            cache.store({row.bucket: row.config})
+            cache.store({row.bucket: row.config},
+                        {row.bucket: {"ms": row.best_ms, "default_ms": row.default_ms, "rel_err": row.rel_err}})
         rows.append(row)
         print(f"[{i}/{len(jobs)}] {row.bucket}: {row.tried} configs, best {row.best_ms:.3f} ms (default "
               f"{row.default_ms:.3f} ms), rel err {row.rel_err:.1e}, {row.status} [{time.perf_counter() - t:.0f} s]",

@@ -86,7 +86,7 @@ if [ "$DRY" = 1 ]; then
     stage accuracy 60 "$PY" scripts/gpu_stages.py accuracy --out "$RES"
     stage bandwidth 30 "$PY" scripts/gpu_stages.py bandwidth --out "$RES"
     stage sweep 60 "$PY" -m autotune sweep --quick --kernel-sizes 3 --dtype fp32 --no-backward
-    stage bench-list 30 "$PY" bench.py --list --kernel-sizes 3 --scales 2 --shape 1 256 120 120 --dtype fp32 bf16
+    stage bench-list 30 "$PY" bench.py --list --kernel-sizes 3 --scales 2 --shape 1 256 120 120
     stage tests-list 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only
     stage table 30 "$PY" scripts/gpu_stages.py table --out "$RES"
 else

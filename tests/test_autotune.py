@@ -141,10 +141,15 @@ def test_cli_sweep_show_clear(fresh_cache):
     assert r.returncode == 0, r.stderr
     assert "CPU interpreter" in r.stderr and "the timings mean nothing" in r.stderr and "[6/6]" in r.stderr
     assert "bwd|bf16|D4|C16|G2|NH1|K9|attention|P64" in r.stdout and " ok" in r.stdout
+    raw = run_cli("show", "--json", env=env)
+    assert raw.returncode == 0 and json.loads(raw.stdout) == json.loads(cache.cache_path().read_text())
+    entries = json.loads(raw.stdout)["entries"]
+    assert len(entries) == 6 and set(json.loads(raw.stdout)["timings"]) == set(entries)
     shown = run_cli("show", env=env)
-    assert shown.returncode == 0 and '"kernel_version"' in shown.stdout
-    entries = json.loads(cache.cache_path().read_text())["entries"]
-    assert len(entries) == 6
+    table = shown.stdout.splitlines()
+    assert shown.returncode == 0 and table[0].split()[:5] == ["bucket", "configuration", "time", "ms", "default"]
+    assert sorted(line.split()[0] for line in table[1:]) == sorted(entries)
+    assert all(" yes " in line for line in table[1:])
     # the bucket is the power of two above the map's size: a 7x9 output shares the 8x8 entry
     for pb in (Problem(1, 4, 16, 4, 4, 8, 8, 2, 1, 9), Problem(1, 4, 16, 3, 4, 7, 9, 2, 1, 9)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):

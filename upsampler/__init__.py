@@ -13,6 +13,14 @@ from .registry import register_mmengine
 __all__ = ["LDAAQU", "LayerNormProxy", "CARAFE", "DySample", "FPN", "FPN_LAU", "FPN_UPSAMPLE", "neck_state_dict",
            "interpolate",
            "deformable_local_attention", "deformable_local_attention_ref", "local_upsample", "local_upsample_ref",
-           "can_run_triton", "select_backend", "register_mmengine"]
+           "can_run_triton", "select_backend", "register_mmengine", "profile", "count_flops", "op_flops"]
+
+
+def __getattr__(name):
+    # lazy: upsampler.flops imports the Triton custom ops to register their FLOP formulas
+    if name in ("profile", "count_flops", "op_flops"):
+        from . import flops
+        return getattr(flops, name)
+    raise AttributeError(f"module 'upsampler' has no attribute {name!r}")
 
 register_mmengine()

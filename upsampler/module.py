@@ -11,6 +11,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .functional import (autocasting, check_backend, deformable_local_attention, empty_output, not_scriptable,
                          refuse_jit)
+from .torch_path import is_exporting
 from .naive import align_corners_ratio
 
 
@@ -22,10 +23,13 @@ class LayerNormProxy(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x):
-        # the affine after the permute back, so that the result is not a view (see LDAAQU.forward)
-        n = self.norm
-        xn = F.layer_norm(x.permute(0, 2, 3, 1), n.normalized_shape, eps=n.eps).permute(0, 3, 1, 2)
-        return torch.addcmul(n.bias[:, None, None], xn, n.weight[:, None, None])
+        return _layer_norm_channels(x, self.norm.weight, self.norm.bias, self.norm.eps)
+
+
+def _layer_norm_channels(x, weight, bias, eps):
+    # the affine after the permute back, so that the result is not a view (see LDAAQU.forward)
+    xn = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=eps).permute(0, 3, 1, 2)
+    return torch.addcmul(bias[:, None, None], xn, weight[:, None, None])
 
 
 class BilinearAlignCorners(torch.autograd.Function):
@@ -52,6 +56,29 @@ class BilinearAlignCorners(torch.autograd.Function):
             dx = torch.einsum("bcyx,yh,xw->bchw", grad.to(acc), _tent(H, Ho, acc, grad.device),
                               _tent(W, Wo, acc, grad.device))
         return dx.to(grad.dtype), None
+
+
+class _Recomputed(torch.autograd.Function):
+    """fn(*args), whose backward runs fn again under autograd: only args are kept for the backward.
+    args are the branch's input and the parameters fn reads, so that their gradients flow."""
+
+    @staticmethod
+    def forward(ctx, fn, *args):
+        dev = args[0].device.type
+        ctx.fn, ctx.autocast = fn, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(*args)
+        return fn(*args)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        args = [a.detach().requires_grad_(n) for a, n in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        dev, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype, enabled=enabled):
+            out = ctx.fn(*args)
+        need = [a for a in args if a.requires_grad]
+        grads = iter(torch.autograd.grad(out, need, grad, allow_unused=True) if need else ())
+        return (None, *(next(grads) if a.requires_grad else None for a in args))
 
 
 def _tent(n_in, n_out, dtype, device) -> torch.Tensor:
@@ -228,8 +255,21 @@ class LDAAQU(nn.Module):
         k = self.proj_k(xn)
         dw = self.conv_offset[0]
         h = F.conv2d(q, dw.weight.repeat(G, 1, 1, 1), padding=dw.padding, groups=D)
-        offset = self.conv_offset[1:](h.reshape(B * G, D // G, Ho, Wo)).tanh() * self.range_factor
-        offset = offset.reshape(B, -1, Ho, Wo) + self.base_offset.to(offset.dtype).repeat(1, G, 1, 1)
+        _, ln, gelu, conv = self.conv_offset
+        params = (ln.norm.weight, ln.norm.bias, conv.weight, conv.bias)
+
+        def offsets(h, ln_w, ln_b, w, b):  # the offset branch after the depth-wise conv, base grid included
+            h = F.gelu(_layer_norm_channels(h.reshape(B * G, D // G, Ho, Wo), ln_w, ln_b, ln.norm.eps),
+                       approximate=gelu.approximate)
+            o = F.conv2d(h, w, b, conv.stride, conv.padding).tanh() * self.range_factor
+            return o.reshape(B, -1, Ho, Wo) + self.base_offset.to(o.dtype).repeat(1, G, 1, 1)
+        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()):
+            # eager training: the branch's layer norm, GELU and tanh outputs (4 maps of D and 2GK channels
+            # at output resolution) would be kept for backward; recomputing the branch there costs one
+            # small conv and keeps only h
+            offset = _Recomputed.apply(offsets, h, *params)
+        else:
+            offset = offsets(h, *params)
         rpb = self.relative_position_bias_table.reshape(self.num_heads, self.k_u ** 2, -1) if self.rpb else None
         return deformable_local_attention(q, k, x, offset, rpb, num_heads=self.num_heads, num_groups=G,
                                           scale=self.scale, backend=self.backend)
