@@ -1,6 +1,7 @@
 """LDA-AQU as an nn.Module with the official parameter names, shapes and initialisation."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -65,7 +66,8 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, *args):
         dev = args[0].device.type
-        ctx.fn, ctx.autocast = fn, (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.fn, ctx.device = fn, dev
+        ctx.autocast_dtype = torch.get_autocast_dtype(dev) if autocasting(dev) else None
         ctx.save_for_backward(*args)
         return fn(*args)
 
@@ -73,8 +75,11 @@ class _Recomputed(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         args = [a.detach().requires_grad_(n) for a, n in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        dev, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(dev, dtype, enabled=enabled):
+        dev, dtype = ctx.device, ctx.autocast_dtype
+        # the forward's autocast state again (devices without autocast, e.g. meta, have none to set)
+        cast = torch.autocast(dev, dtype, enabled=dtype is not None) if torch.amp.is_autocast_available(dev) \
+            else contextlib.nullcontext()
+        with torch.enable_grad(), cast:
             out = ctx.fn(*args)
         need = [a for a in args if a.requires_grad]
         grads = iter(torch.autograd.grad(out, need, grad, allow_unused=True) if need else ())
