@@ -205,7 +205,7 @@ class Nuclei:
     name, classes, in_channels = "nuclei", ("background", "interior", "boundary"), 1
     metrics = ("miou", "boundary_f", "object_f1")
     colours = ("#202020", "#3b75af", "#f0f0f0")
-    defaults = dict(steps=360, batch=4, size=96, width=24)
+    defaults = dict(steps=250, batch=4, size=96, width=24)
     quick = dict(steps=10, batch=2, size=32, width=8)
 
     def __init__(self, args):
@@ -673,6 +673,9 @@ def figure(path: str, results: list[dict], task, meta: dict, args):
 
 
 def report(results, task, meta, args) -> str:
+    # the runs with their losses and predictions, for --replot (not committed)
+    torch.save(dict(meta=meta, results=[dict(r, pred=r["pred"].to(torch.uint8)) for r in results]),
+               os.path.join(args.out, "runs.pt"))
     write_csv(os.path.join(args.out, "compare.csv"), results, task, meta)
     text = table(results, task, meta, args)
     with open(os.path.join(args.out, "TABLE.md"), "w") as f:
@@ -693,7 +696,7 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny end-to-end run (CI): 2 upsamplers, a few steps")
     ap.add_argument("--upsamplers", nargs="+", choices=UPSAMPLERS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, help="default 600 (outlines), 360 (nuclei)")
+    ap.add_argument("--steps", type=int, help="default 600 (outlines), 250 (nuclei)")
     ap.add_argument("--batch", type=int, help="default 8 (outlines), 4 (nuclei)")
     ap.add_argument("--size", type=int, help="image side (outlines, default 48) or crop side (nuclei, default 96) in px")
     ap.add_argument("--width", type=int, help="FPN channels (default 24: encoder 12, 12, 24, 36)")
@@ -711,6 +714,10 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, help="CPU threads per rank (torch.set_num_threads); default 2 split "
                                                 "among the ranks, 1 with --quick")
     ap.add_argument("--show", type=int, default=0, help="outlines: the validation image in the figure")
+    ap.add_argument("--time-limit", type=float, metavar="MIN",
+                    help="start no seed that would end past this many minutes (judged by the seeds so far)")
+    ap.add_argument("--replot", action="store_true", help="rewrite TABLE.md and compare.png from --out's runs.pt "
+                                                          "(same arguments as the run that wrote it)")
     ap.add_argument("--out", help="default results/compare[-nuclei] (results/compare[-nuclei]-quick with --quick)")
     args = ap.parse_args(argv)
     task = TASKS[args.task]
@@ -754,7 +761,21 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
     results = []
-    for seed in args.seeds:
+    if args.replot:
+        saved = torch.load(os.path.join(args.out, "runs.pt"), weights_only=False)  # our own file
+        meta, results = saved["meta"], [dict(r, pred=r["pred"].long()) for r in saved["results"]]
+        args.seeds, args.upsamplers = list(dict.fromkeys(r["seed"] for r in results)), []
+        for key in ("steps", "batch", "size", "width"):
+            setattr(args, key, meta[key])
+    for done, seed in enumerate(args.seeds):
+        spent = time.perf_counter() - t0
+        stop = torch.tensor(bool(args.time_limit and done and spent * (done + 1) / done > 60 * args.time_limit),
+                            device=device)
+        if dist.is_initialized():  # rank 0 decides for all
+            dist.broadcast(stop, 0)
+        if stop:
+            say(f"stopping after {done} seeds: another would end past --time-limit {args.time_limit:g} min")
+            break
         for name in args.upsamplers:
             t = time.perf_counter()
             r = train_one(name, seed, task, args, device)
@@ -766,9 +787,9 @@ def main(argv=None):
                 + f", loss {r['loss_start']:.3f} -> {r['loss_end']:.3f}, {r['ms_per_step']:.0f} ms/step"
                 + (f", offsets {r['offset_px']} px" if r["offset_px"] else "") + f" ({time.perf_counter() - t:.0f} s)",
                 flush=True)
-            text = report(results, task, meta, args)  # after every run: an interrupted run keeps what it did
+            report(results, task, meta, args)  # after every run: an interrupted run keeps what it did
     if rank == 0:
-        print("\n" + text)
+        print("\n" + (report if args.replot else table)(results, task, meta, args))
         print(f"wrote {args.out}/compare.csv, TABLE.md, compare.png in {time.perf_counter() - t0:.0f} s "
               f"(timings on a shared machine are noisy)")
     if dist.is_initialized():
