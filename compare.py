@@ -243,7 +243,8 @@ class Nuclei:
         gen = torch.Generator().manual_seed(seed)
         s, (h, w) = self.size, self.label.shape
         while True:
-            ys, xs = torch.randint(0, h - s + 1, (batch,), generator=gen), torch.randint(0, w - s + 1, (batch,), generator=gen)
+            ys = torch.randint(0, h - s + 1, (batch,), generator=gen)
+            xs = torch.randint(0, w - s + 1, (batch,), generator=gen)
             rot, flip = torch.randint(0, 4, (batch,), generator=gen), torch.randint(0, 2, (batch,), generator=gen)
             crops = []
             for y0, x0, k, f in zip(ys.tolist(), xs.tolist(), rot.tolist(), flip.tolist()):
@@ -698,7 +699,7 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, help="default 600 (outlines), 250 (nuclei)")
     ap.add_argument("--batch", type=int, help="default 8 (outlines), 4 (nuclei)")
-    ap.add_argument("--size", type=int, help="image side (outlines, default 48) or crop side (nuclei, default 96) in px")
+    ap.add_argument("--size", type=int, help="image side (outlines, default 48) or crop side (nuclei, 96), px")
     ap.add_argument("--width", type=int, help="FPN channels (default 24: encoder 12, 12, 24, 36)")
     ap.add_argument("--data-seed", type=int, default=1234, help="outlines: the generated data's seed")
     ap.add_argument("--train", type=int, help="outlines: training images (1024)")
@@ -716,6 +717,8 @@ def parse_args(argv=None):
     ap.add_argument("--show", type=int, default=0, help="outlines: the validation image in the figure")
     ap.add_argument("--time-limit", type=float, metavar="MIN",
                     help="start no seed that would end past this many minutes (judged by the seeds so far)")
+    ap.add_argument("--resume", action="store_true", help="keep the runs in --out's runs.pt and train only the "
+                                                          "missing (seed, upsampler) pairs")
     ap.add_argument("--replot", action="store_true", help="rewrite TABLE.md and compare.png from --out's runs.pt "
                                                           "(same arguments as the run that wrote it)")
     ap.add_argument("--out", help="default results/compare[-nuclei] (results/compare[-nuclei]-quick with --quick)")
@@ -761,22 +764,33 @@ def main(argv=None):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
     results = []
-    if args.replot:
+    if args.replot or args.resume and os.path.exists(os.path.join(args.out, "runs.pt")):
         saved = torch.load(os.path.join(args.out, "runs.pt"), weights_only=False)  # our own file
-        meta, results = saved["meta"], [dict(r, pred=r["pred"].long()) for r in saved["results"]]
-        args.seeds, args.upsamplers = list(dict.fromkeys(r["seed"] for r in results)), []
-        for key in ("steps", "batch", "size", "width"):
-            setattr(args, key, meta[key])
-    for done, seed in enumerate(args.seeds):
+        results = [dict(r, pred=r["pred"].long()) for r in saved["results"]]
+        same = ("device", "threads", "ranks", "backend", "steps", "batch", "size", "width", "set")
+        if args.replot:
+            meta, args.seeds, args.upsamplers = saved["meta"], list(dict.fromkeys(r["seed"] for r in results)), []
+            for key in ("steps", "batch", "size", "width"):
+                setattr(args, key, meta[key])
+        elif any(saved["meta"][k] != meta[k] for k in same):
+            raise SystemExit(f"--resume: {args.out}/runs.pt was written with other settings: "
+                             + ", ".join(f"{k} {saved['meta'][k]} (now {meta[k]})" for k in same
+                                         if saved["meta"][k] != meta[k]))
+    have, trained = {(r["seed"], r["upsampler"]) for r in results}, 0
+    for seed in args.seeds:
+        todo = [n for n in args.upsamplers if (seed, n) not in have]
+        if not todo:
+            continue
         spent = time.perf_counter() - t0
-        stop = torch.tensor(bool(args.time_limit and done and spent * (done + 1) / done > 60 * args.time_limit),
-                            device=device)
+        stop = torch.tensor(bool(args.time_limit and trained and spent * (trained + 1) / trained
+                                 > 60 * args.time_limit), device=device)
         if dist.is_initialized():  # rank 0 decides for all
             dist.broadcast(stop, 0)
         if stop:
-            say(f"stopping after {done} seeds: another would end past --time-limit {args.time_limit:g} min")
+            say(f"stopping after {trained} seeds: another would end past --time-limit {args.time_limit:g} min")
             break
-        for name in args.upsamplers:
+        trained += 1
+        for name in todo:
             t = time.perf_counter()
             r = train_one(name, seed, task, args, device)
             if r is None:

@@ -141,6 +141,15 @@ def test_quick_run_writes_sane_results(tmp_path):
     table = (tmp_path / "TABLE.md").read_text()
     assert "| nearest |" in table and "| lda_aqu |" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+    # --resume keeps those runs and adds the missing seed; with two seeds the table has the paired intervals
+    r = subprocess.run([sys.executable, "compare.py", "--quick", "--out", str(tmp_path), "--resume", "--seeds", "0",
+                        "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "seed 0" not in r.stdout and "lda_aqu   seed 1" in r.stdout
+    again = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert [row["seed"] for row in again[1:]] == ["0", "0", "1", "1"] and again[1:3] == rows[1:]
+    table = (tmp_path / "TABLE.md").read_text()
+    assert "Paired difference against nearest" in table and "1 degrees of freedom" in table
 
 
 def test_nuclei_quick_run(tmp_path):
