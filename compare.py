@@ -412,6 +412,8 @@ def nuclei_objects(pred: torch.Tensor) -> torch.Tensor:
 def distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size): a process group from torchrun's environment (gloo on CPU, nccl on CUDA), else (0, 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":  # one GPU a rank: NCCL's collectives run on the current device
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
