@@ -622,7 +622,7 @@ def figure(path: str, results: list[dict], task, meta: dict, args):
     n_seeds = len({r["seed"] for r in results})
     colours = [f"C{i}" for i in range(len(names))]
     width = max(11.0, 2.2 * (len(names) + 2))
-    fig = plt.figure(figsize=(width, 7.6), layout="constrained")
+    fig = plt.figure(figsize=(width, 6.6), layout="constrained")
     outer = fig.add_gridspec(2, 1, height_ratios=[1.25, 1])
     top = [fig.add_subplot(g) for g in outer[0].subgridspec(1, len(task.metrics) + 1, wspace=0.1)]
     bottom = outer[1].subgridspec(1, len(names) + 2)
