@@ -57,7 +57,8 @@ G, NH, R = 2, 1, 4  # LDAAQU's groups, heads and channel reduction (the official
 WORKLOAD, TARGET_MAP = (1, 256, 50, 84), (1, 128, 40, 60)
 TARGET_POINTS = {(k, s) for k in (3, 5, 7) for s in (2, 3, 4)}
 TARGETS = {"fwd": 5.0, "fwd+bwd": 4.0, "memory": 0.2}  # speed-ups over, and memory share of, the official-style
-BUDGET = 6 * 2 ** 30  # a CPU case whose estimated peak exceeds this is refused, not swapped
+# a CPU case whose estimated peak exceeds half the machine's memory is refused, not swapped
+BUDGET = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 if hasattr(os, "sysconf") else 6 * 2 ** 30
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 

@@ -426,16 +426,19 @@ def offset_probe(model: Segmenter):
     """Forward hooks that collect the mean |learned offset| (beyond the base grid) in input pixels, per
     upsampler, finest first."""
     seen, handles = {}, []
+
+    def lda_aqu(i, m, args, kwargs, out):
+        grid = m.base_offset.repeat(1, m.n_groups, 1, 1)  # in output pixels: 1/scale_factor of an input one
+        off = m.sampling_offsets(args[0], kwargs.get("size"))
+        seen.setdefault(i, []).append(((off - grid).abs().mean() / m.scale_factor).item())
+
+    def dysample(i, m, inp, out):
+        seen.setdefault(i, []).append((out * 0.25).abs().mean().item())
     for i, m in enumerate(upsampler_modules(model)):
-        if isinstance(m, upsampler.LDAAQU):  # in output pixels: at scale 2, half an input pixel each
-            scale, mod = m.range_factor / 2, m.conv_offset[-1]  # the forward calls its layers one by one
+        if isinstance(m, upsampler.LDAAQU):
+            handles.append(m.register_forward_hook(lambda *a, i=i: lda_aqu(i, *a), with_kwargs=True))
         elif isinstance(m, upsampler.DySample):
-            scale, mod = None, m.offset
-        else:
-            continue
-        handles.append(mod.register_forward_hook(
-            lambda mod, inp, out, i=i, scale=scale:
-            seen.setdefault(i, []).append((out.tanh() * scale if scale else out * 0.25).abs().mean().item())))
+            handles.append(m.offset.register_forward_hook(lambda *a, i=i: dysample(i, *a)))
     return seen, handles
 
 

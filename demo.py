@@ -85,9 +85,7 @@ def main():
     _, Ho, Wo = outs["triton"].shape[1:]
     H, W = args.size
     with torch.no_grad():
-        xn = m.layer_norm(x)
-        q = F.interpolate(m.proj_q(xn), (Ho, Wo), mode="bilinear", align_corners=True)
-        off = m.conv_offset(q.reshape(2, -1, Ho, Wo)).tanh() * m.range_factor + m.base_offset
+        off = m.sampling_offsets(x)
     off = off.reshape(2, 9, 2, Ho, Wo).cpu()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     axes[0].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy() * 0.8 + 0.1, extent=(-0.5, W - 0.5, H - 0.5, -0.5))

@@ -179,7 +179,8 @@ def test_one_point_end_to_end(tmp_path):
         assert x["status"] == "ok" and x["device"].startswith("CPU") and x["threads"] == "1"
         assert 0 < float(x["ms"]) <= float(x["ms_median"]) <= float(x["ms_max"]) and int(x["reps"]) >= 3
         assert float(x["load_before"]) >= 0 and float(x["load_after"]) >= 0
-        assert float(x["limit_fraction"]) == pytest.approx(float(x["limit_ms"]) / float(x["ms"]), rel=2e-3)
+        # the CSV keeps limit_fraction to 3 significant digits (rounding up to 5e-3 relative), limit_ms and ms to 4
+        assert float(x["limit_fraction"]) == pytest.approx(float(x["limit_ms"]) / float(x["ms"]), rel=6e-3)
     # ours against the official-style module in fp32: the official's own error is ~7e-6 (range_factor x tanh)
     assert float(next(x for x in ours if x["direction"] == "fwd")["rel_err"]) < 1e-4
     kept = {x["backend"]: int(x["saved_for_backward_bytes"]) for x in rows if x["case"] == "memory"}

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import DEVICE, fresh_seed, rel_err
-from upsampler.official import official_forward, official_state_dict
+from upsampler.official import official_forward, official_offsets, official_state_dict
 from upsampler import LDAAQU
 from upsampler.module import BilinearAlignCorners
 
@@ -155,6 +155,20 @@ def test_module_float64_through_triton():
     expect = official_forward(sd, x, scale_factor=1.5, n_groups=4, num_heads=2, k_u=5)
     with torch.no_grad():
         assert rel_err(m(x), expect) < 1e-12, f"seed={seed}"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_sampling_offsets_are_the_official(grad):
+    """What sampling_offsets shows is what the official module samples at, with and without the
+    backward's recomputed branch."""
+    seed = fresh_seed()
+    C, s, k_u, G, nh, r, H, W = CONFIGS["k_u=5,G=4,nh=2,s=1.5"]
+    m, x, sd = build("k_u=5,G=4,nh=2,s=1.5", "torch", seed, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        got = m.sampling_offsets(x)
+    expect = official_offsets(sd, x, scale_factor=s, n_groups=G, k_u=k_u)[2]
+    assert got.shape == (2, G * 2 * k_u * k_u, *expect.shape[-2:])
+    assert rel_err(got, expect.reshape(got.shape)) < 1e-12, f"seed={seed}"
 
 
 @pytest.mark.parametrize("name", ["defaults", "k_u=5,G=4,nh=2,s=1.5"])

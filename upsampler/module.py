@@ -248,6 +248,19 @@ class LDAAQU(nn.Module):
                                  f"{name} of {n}: pass a larger x or size=(h, w)")
         if B == 0:
             return _empty_batch(self, x, (Ho, Wo))
+        q, k, offset = self._query_key_offset(x, Ho, Wo)
+        rpb = self.relative_position_bias_table.reshape(self.num_heads, self.k_u ** 2, -1) if self.rpb else None
+        return deformable_local_attention(q, k, x, offset, rpb, num_heads=self.num_heads, num_groups=self.n_groups,
+                                          scale=self.scale, backend=self.backend)
+
+    def sampling_offsets(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        """Where the op samples for input x: [B, G*2K, Ho, Wo] in output pixels, the base grid included
+        (channel g*2K + 2n the y, +1 the x of neighbour n of group g), for inspection and plots."""
+        _check_input(x, self.in_channels, self.proj_q.weight)
+        return self._query_key_offset(x, *_size_arg(size, self.output_size(*x.shape[-2:])))[2]
+
+    def _query_key_offset(self, x, Ho: int, Wo: int):
+        B = x.shape[0]
         G, D = self.n_groups, self.hidden_dim
         # Under torch.compile with dynamic H and W, no tensor that autograd saves (a conv's input, the
         # Triton op's inputs) may be a permute or reshape view: Inductor 2.13 orders such a view's
@@ -275,9 +288,7 @@ class LDAAQU(nn.Module):
             offset = _Recomputed.apply(offsets, h, *params)
         else:
             offset = offsets(h, *params)
-        rpb = self.relative_position_bias_table.reshape(self.num_heads, self.k_u ** 2, -1) if self.rpb else None
-        return deformable_local_attention(q, k, x, offset, rpb, num_heads=self.num_heads, num_groups=G,
-                                          scale=self.scale, backend=self.backend)
+        return q, k, offset
 
     __prepare_scriptable__ = not_scriptable
 

@@ -24,14 +24,14 @@ def _extract(x, Ho, Wo, offset, ks):
     return rearrange(out, "b c (ksh h) (ksw w) -> b (ksh ksw) c h w", ksh=ks, ksw=ks)
 
 
-def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k_e=3, range_factor=11,
-                     rpb=True, dtype=torch.float64):
+def official_offsets(sd, x, *, scale_factor=2, n_groups=2, k_u=3, k_e=3, range_factor=11, dtype=torch.float64):
+    """The official query, key and sampling offsets: q [B, D, Ho, Wo], k [B, D, H, W], offsets
+    [B*G, 2K, Ho, Wo] in output pixels, the base grid included."""
     sd = {n: p.to(x.device, dtype) for n, p in sd.items()}
     x = x.to(dtype)
     B, C, H, W = x.shape
     Ho, Wo = int(H * scale_factor), int(W * scale_factor)
-    D = sd["proj_q.weight"].shape[0]
-    G, nh = n_groups, num_heads
+    D, G = sd["proj_q.weight"].shape[0], n_groups
     xn = _ln_channels(x, sd["layer_norm.norm.weight"], sd["layer_norm.norm.bias"])
     q = F.interpolate(F.conv2d(xn, sd["proj_q.weight"]), (Ho, Wo), mode="bilinear", align_corners=True)
     k = F.conv2d(xn, sd["proj_k.weight"])
@@ -40,7 +40,17 @@ def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k
     h = F.conv2d(h, sd["conv_offset.3.weight"], sd["conv_offset.3.bias"], padding=k_e // 2)
     base = torch.arange(k_u, dtype=dtype, device=x.device) - k_u // 2
     base = torch.stack([base.repeat_interleave(k_u), base.repeat(k_u)], 1).flatten().view(1, -1, 1, 1)
-    offset = h.tanh() * range_factor + base
+    return q, k, h.tanh() * range_factor + base
+
+
+def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k_e=3, range_factor=11,
+                     rpb=True, dtype=torch.float64):
+    q, k, offset = official_offsets(sd, x, scale_factor=scale_factor, n_groups=n_groups, k_u=k_u, k_e=k_e,
+                                    range_factor=range_factor, dtype=dtype)
+    sd = {n: p.to(x.device, dtype) for n, p in sd.items()}
+    x = x.to(dtype)
+    B, C, H, W = x.shape
+    (D, Ho, Wo), G, nh = q.shape[1:], n_groups, num_heads
     ks = _extract(k.view(B * G, D // G, H, W), Ho, Wo, offset, k_u)
     vs = _extract(x.view(B * G, C // G, H, W), Ho, Wo, offset, k_u)
     q = rearrange(q, "b (nh c) h w -> b nh (h w) () c", nh=nh)
