@@ -280,7 +280,7 @@ def summary(ours, base) -> str:
         line += "; keeps " + (f"{max(mb / mo, mo / mb):.1f}x {'less' if mo < mb else 'more'}" if abs(mo - mb) > 0.01 * mb
                               else "as much") + " for backward"
     load = max(ours["load_before"], ours["load_after"])
-    return line + f"  [load {ours['load_before']:.1f}->{ours['load_after']:.1f}{' LOADED' if load > CORES else ''}]"
+    return line + f"  [load {ours['load_before']:.2f}->{ours['load_after']:.2f}{' LOADED' if load > CORES else ''}]"
 
 
 def memory_rows(channels, spatial, kernel_sizes, scales):

@@ -53,7 +53,7 @@ def loaded(rows) -> str:
              if r.get("load_before", "") != "" and r.get("load_after", "") != ""]
     cores = next((r["cores"] for r in rows if r.get("cores", "") != ""), None)
     if peaks and cores and max(peaks) > cores:
-        return f"  [LOADED: load average up to {max(peaks):.1f} > {int(cores)} cores]"
+        return f"  [LOADED: load average up to {max(peaks):.2f} > {int(cores)} cores]"
     return ""
 
 

@@ -143,7 +143,7 @@ def test_every_plot_is_drawn_from_a_small_csv(tmp_path):
         w.writeheader()
         w.writerows(_rows())
     rows = bench_plots.read(str(path))
-    assert "LOADED: load average up to 3.5 > 2 cores" in bench_plots.run_label(rows)
+    assert "LOADED: load average up to 3.50 > 2 cores" in bench_plots.run_label(rows)
     paths = bench_plots.plot_all(rows, str(tmp_path / "png"))
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["gbps.png", "memory.png", "memory_ratio.png", "speedup.png", "throughput_vs_k_u.png",
