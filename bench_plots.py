@@ -93,7 +93,8 @@ def _lines(ax, sel, x_key, line_key, y_key, scale_y=1.0):
                         else f"{b}, {'k_u' if line_key == 'k_u' else 's'}={v:g}")
     ax.set_xticks(sorted({r[x_key] for r in sel}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="best", framealpha=0.6)
+    # below the axes: inside, "best" still sat on the top line where the lines span the whole panel
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
 
 
 def _figure(panels, n_cols, w=6.4, h=4.2):
