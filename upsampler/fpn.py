@@ -26,6 +26,15 @@ class _ConvModule(nn.Module):
         return self.conv(x)
 
 
+def xavier_init(modules, types):
+    """mmcv's xavier_init(distribution="uniform") on the modules of `types`: gain 1, zero bias."""
+    for m in modules:
+        if isinstance(m, types):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def check_pyramid(inputs, in_channels, weight: torch.Tensor):
     """inputs: a list or tuple of (B, in_channels[i], H_i, W_i) maps, one per level, on the device and in
     the dtype of the neck's parameters (`weight`)."""
@@ -68,10 +77,7 @@ class FPN(nn.Module):
             upsampler
         self.lateral_convs = nn.ModuleList(_ConvModule(c, out_channels, 1) for c in in_channels)
         self.fpn_convs = nn.ModuleList(_ConvModule(out_channels, out_channels, 3) for _ in in_channels)
-        for m in self.modules():  # before the upsamplers: they keep their own initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_init(self.modules(), nn.Conv2d)  # before the upsamplers: they keep their own initialisation
         if upsampler in LEARNED:
             cls, scale = LEARNED[upsampler]
             cfg.setdefault(scale, 2)

@@ -10,7 +10,9 @@ from .naive import COORDS, PADDINGS, local_upsample_ref
 from .torch_path import is_exporting, local_upsample_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the floating dtypes the modules take, every one of which the kernels take too
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = FLOAT_DTYPES
 
 
 def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .functional import (autocasting, check_backend, deformable_local_attention, empty_output, not_scriptable,
-                         refuse_jit)
+from .functional import (FLOAT_DTYPES, _check_extent, autocasting, check_backend, deformable_local_attention,
+                         empty_output, not_scriptable, refuse_jit)
 from .torch_path import is_exporting
 from .naive import align_corners_ratio
 
@@ -104,9 +104,6 @@ def _odd_int(name: str, value) -> int:
     return int(value)
 
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_input(x, channels: int, weight: torch.Tensor, name: str = "x"):
     """x of a module whose parameters are like `weight`: a floating (B, channels, H, W) map on the
     parameters' device, in their dtype unless autocast casts it. H and W must be positive; B may be 0."""
@@ -125,11 +122,7 @@ def _check_input(x, channels: int, weight: torch.Tensor, name: str = "x"):
         raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: convert the "
                         f"module (module.to({x.dtype})) or the input ({name}.to({weight.dtype})), or for mixed "
                         f"precision run under torch.autocast(\"{x.device.type}\", dtype=torch.bfloat16 or float16)")
-    # separate comparisons: min() over symbolic sizes would relate unrelated ones under torch.export
-    if x.shape[2] == 0:
-        raise ValueError(f"{name} has height 0: shape {tuple(x.shape)}")
-    if x.shape[3] == 0:
-        raise ValueError(f"{name} has width 0: shape {tuple(x.shape)}")
+    _check_extent(name, x)
 
 
 def _empty_batch(module: nn.Module, x: torch.Tensor, size) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .carafe import CARAFE
 from .dysample import DySample
-from .fpn import _ConvModule, check_channels, check_pyramid
+from .fpn import _ConvModule, check_channels, check_pyramid, xavier_init
 from .functional import check_backend
 from .interpolation import interpolate
 from .module import LDAAQU, _positive_int
@@ -104,15 +104,6 @@ def _levels(num_ins: int, num_outs, start_level, end_level) -> tuple[int, int]:
     return num_outs, end_level + 1
 
 
-def _xavier(modules, types):
-    """mmcv's xavier_init(distribution="uniform"): gain 1, zero bias."""
-    for m in modules:
-        if isinstance(m, types):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 class _Pyramid(nn.Module):
     """What both necks share: the pyramid's arguments as mmdet checks them, and the top-down sum."""
 
@@ -198,7 +189,7 @@ class FPN_LAU(_Pyramid):
         return nn.ConvTranspose2d(C, C, k, stride=2, padding=(k - 1) // 2, output_padding=(k - 1) // 2)
 
     def init_weights(self):
-        _xavier(self.modules(), (nn.Conv2d, nn.ConvTranspose2d))
+        xavier_init(self.modules(), (nn.Conv2d, nn.ConvTranspose2d))
         for m in self.upsample_modules:
             if isinstance(m, (CARAFE, LDAAQU)):
                 m.init_weights()
@@ -284,7 +275,7 @@ class FPN_UPSAMPLE(_Pyramid):
         return DySample(C, scale_factor=2, scope_bias=cfg["dyscope"] is True, backend=backend, **cfg)
 
     def init_weights(self):
-        _xavier(self.modules(), nn.Conv2d)
+        xavier_init(self.modules(), nn.Conv2d)
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
         check_pyramid(inputs, self.in_channels, self.lateral_convs[0].conv.weight)
