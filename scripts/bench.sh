@@ -4,7 +4,8 @@
 #   then bench.py's GPU grid (the Triton op, the LDAAQU module eager and compiled, the official-style
 #   module) into results/<gpu>/.
 #   On a CPU: the torch path's grid against the official-style module (k_u 3 5 7, scales 2 3, one
-#   1x64x32x48 map, fp32, 2 threads), about 5 minutes on 2 cores, into results/cpu/ (git-ignored).
+#   1x64x32x48 map, fp32, 2 threads) into results/cpu/ (git-ignored): 7.5 minutes on 2 cores at a
+#   load of 10-12, less on a quiet machine.
 # Extra arguments go to bench.py (e.g. --kernel-sizes 3 5 7 9 --scales 2 3 4 for the full grid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
