@@ -1,0 +1,48 @@
+"""On a CUDA machine the suite's default device is the GPU (conftest.py), and a random factory given a
+CPU torch.Generator without a device raises there ("Expected a 'cuda' device type for generator").
+CI has no GPU, so the pattern is caught here, in the test sources themselves."""
+import ast
+import pathlib
+
+import pytest
+import torch
+
+from helpers import seeded_randn
+
+FACTORIES = {"rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson", "rand_like",
+             "randn_like", "randint_like"}
+# in-place draws take no device: on a GPU tensor a CPU generator raises
+IN_PLACE = {"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "geometric_", "cauchy_", "log_normal_"}
+SOURCES = sorted(pathlib.Path(__file__).parent.glob("*.py"))
+
+
+def deviceless_draws(source: str) -> list[tuple[int, str]]:
+    """(line, call) of each random factory given a generator and no device (multi-line calls too)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        keywords = {k.arg for k in node.keywords}
+        if "generator" in keywords and (name in IN_PLACE or (name in FACTORIES and "device" not in keywords)):
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_the_check_catches_the_pattern():
+    source = ("x = torch.randn(2,\n    3, generator=g)\ny = torch.randn(2, generator=g, device='cpu')\n"
+              "p.normal_(0, 1, generator=g)\nz = torch.randint(0, 5, (3,), generator=g)\n")
+    assert [line for line, _ in deviceless_draws(source)] == [1, 4, 5]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_no_random_factory_takes_a_generator_without_a_device(path):
+    found = deviceless_draws(path.read_text())
+    assert not found, f"{path.name}: draw on the CPU and move (helpers.seeded_randn): " + "; ".join(
+        f"line {line}: {call}" for line, call in found)
+
+
+def test_seeded_draws_replay_on_the_default_device():
+    a = seeded_randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    b = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64, device="cpu")
+    assert a.device == torch.get_default_device() and torch.equal(a.cpu(), b)
