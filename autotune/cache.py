@@ -75,13 +75,20 @@ def _gpu(device) -> bool:
     return torch.cuda.is_available() and not INTERPRET and (device is None or torch.device(device).type == "cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_of(index: int) -> tuple[str, str]:
+    """(name, "sm_XY") of GPU `index`, asked once: lookups run before every launch."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), f"sm_{major}{minor}"
+
+
 def identity(device=None) -> dict:
     """What a cache file must match: the device (`device`'s, else the current one) and the software
     that compiled for it. Interpreted kernels get an identity of their own, so that their timings
     never land in a GPU's file."""
     if _gpu(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        gpu, cc = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
+        index = torch.device(device).index if device is not None else None
+        gpu, cc = _gpu_of(torch.cuda.current_device() if index is None else index)
     else:
         gpu, cc = "cpu-interpreter", "none"
     return {"gpu": gpu, "capability": cc, "triton": triton.__version__, "kernels": kernel_source_hash()}
