@@ -1,8 +1,14 @@
-"""On a CUDA machine the suite's default device is the GPU (conftest.py), and a random factory given a
-CPU torch.Generator without a device raises there ("Expected a 'cuda' device type for generator").
-CI has no GPU, so the pattern is caught here, in the test sources themselves."""
+"""What the suite needs to run on a CUDA machine, checked where there is none.
+
+On a CUDA machine the suite's default device is the GPU (conftest.py), and a random factory given a
+CPU torch.Generator without a device raises there ("Expected a 'cuda' device type for generator"):
+the pattern is caught here, in the test sources themselves. The GPU run (scripts/gpu.sh) limits each
+test's time with conftest.py's own hook (the GPU machine has no pytest-timeout)."""
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,3 +52,19 @@ def test_seeded_draws_replay_on_the_default_device():
     a = seeded_randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     b = torch.randn(3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64, device="cpu")
     assert a.device == torch.get_default_device() and torch.equal(a.cpu(), b)
+
+
+def test_a_test_past_its_time_limit_fails_by_name(tmp_path):
+    tests = pathlib.Path(__file__).parent
+    (tmp_path / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('suite_conftest', {str(tests / 'conftest.py')!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\n"
+        "pytest_runtest_call = mod.pytest_runtest_call\n")
+    (tmp_path / "test_slow.py").write_text("import time\n\n\ndef test_hangs():\n    time.sleep(60)\n\n\n"
+                                           "def test_quick():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-rfE",
+                        str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, LDA_AQU_TEST_TIMEOUT="1"))
+    assert "FAILED test_slow.py::test_hangs - TimeoutError" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "1 failed, 1 passed" in r.stdout
