@@ -25,8 +25,8 @@ import csv
 import datetime
 import math
 import os
-import re
 import time
+import weakref
 
 import torch
 
@@ -41,6 +41,7 @@ import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 import bench_plots  # noqa: E402
+from autotune.device import device_slug  # noqa: E402
 from kernels.layout import DTYPES as ALL_DTYPES  # noqa: E402
 from upsampler import CARAFE, LDAAQU, DySample, deformable_local_attention  # noqa: E402
 from upsampler.flops import count_flops  # noqa: E402
@@ -53,7 +54,7 @@ BASELINES = bench_plots.BASELINES
 FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "case", "backend", "direction", "dtype", "k_u",
           "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s", "gb_per_s", "floor_bytes",
           "saved_for_backward_bytes", "peak_cuda_bytes", "gflops", "matmul_gflops_per_s", "limit_ms",
-          "limit_fraction", "load_before", "load_after", "rel_err", "status"]
+          "limit_fraction", "load_before", "load_after", "rel_err", "dynamo", "status"]
 G, NH, R = 2, 1, 4  # LDAAQU's groups, heads and channel reduction (the official defaults)
 WORKLOAD, TARGET_MAP = (1, 256, 50, 84), (1, 128, 40, 60)
 TARGET_POINTS = {(k, s) for k in (3, 5, 7) for s in (2, 3, 4)}
@@ -71,22 +72,38 @@ def device_name() -> str:
     return f"CPU ({model}), {CORES} cores"
 
 
-def device_slug() -> str:
-    """results/<slug>: the GPU's name; "cpu" (git-ignored) otherwise."""
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") if GPU else "cpu"
-
-
 def meta() -> dict:
     return dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat(), threads=torch.get_num_threads(), cores=CORES)
 
 
+_leaves = weakref.WeakKeyDictionary()  # fn -> the leaves its graph reaches, found on its first step
+
+
+def graph_leaves(out: torch.Tensor) -> tuple:
+    """The leaf tensors (inputs, parameters) whose gradients a backward from `out` computes."""
+    found, todo, seen = [], [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad
+            found.append(node.variable)
+        todo += [n for n, _ in node.next_functions]
+    return tuple(found)
+
+
 def step(fn, backward):
+    """One forward (or forward and backward) of fn. The backward returns its gradients instead of
+    accumulating them into .grad, so repeated steps time the same work and hold the same memory."""
     if not backward:
         with torch.no_grad():
             return fn()
     out = fn()
-    out.float().sum().backward()
+    if fn not in _leaves:
+        _leaves[fn] = graph_leaves(out)
+    torch.autograd.grad(out.float().sum(), _leaves[fn])
     return out
 
 
@@ -396,8 +413,9 @@ def floor_bytes(tensors, out_numel, itemsize, backward):
 
 
 def op_cases(shapes, kernel_sizes, scales):
-    """(case, k_u, scale, shape, build) of the Triton op against the eager reference and torch.compile."""
-    compiled_ref = torch.compile(deformable_local_attention_ref)
+    """(case, k_u, scale, shape, build) of the Triton op against the eager reference and torch.compile.
+    Each build compiles afresh, Dynamo reset first: every case, dtype and direction gets its own
+    compilation instead of recompiles of one, which past Dynamo's recompile limit run eagerly."""
     for B, C, H, W in shapes:
         D = C // R
         for k_u in kernel_sizes:
@@ -405,14 +423,32 @@ def op_cases(shapes, kernel_sizes, scales):
                 def build(dtype=torch.float32, grad=False, shape=(B, C, H, W), D=D, k_u=k_u, s=s):
                     t = inputs(*shape[:2], D, *shape[2:], s, k_u, dtype, "cuda", grad)
                     kw = dict(num_heads=NH, num_groups=G, scale=(D // NH) ** -0.5)
+                    torch._dynamo.reset()
+                    compiled_ref = torch.compile(deformable_local_attention_ref)
                     return {"triton": lambda: deformable_local_attention(*t, backend="triton", **kw),
                             "eager": lambda: deformable_local_attention(*t, backend="reference", **kw),
                             "torch.compile": lambda: compiled_ref(*t, **kw)}, t
                 yield "op", k_u, s, (B, C, H, W), build
 
 
+def dynamo_note(counters) -> tuple[str, bool]:
+    """What Dynamo did since `counters` were cleared, and whether the timed function ran eagerly
+    (a frame that failed to compile, graph breaks, or the recompile limit reached)."""
+    frames = counters["frames"]
+    breaks = sum(counters["graph_break"].values())
+    limit = torch._dynamo.config.recompile_limit
+    note = f"frames {frames['ok']}/{frames['total']} compiled, {breaks} graph breaks"
+    eager = frames["ok"] == 0 or frames["total"] > frames["ok"] or frames["total"] >= limit
+    if frames["total"] >= limit:
+        note += f", recompile limit ({limit}) reached"
+    return note, eager or breaks > 0
+
+
 def run_gpu(comps, dtypes):
-    """Each backend of each comparison timed by triton.testing.do_bench (median), with the CUDA peak."""
+    """Each backend of each comparison timed by triton.testing.do_bench (median), with the CUDA peak.
+    A torch.compile row whose function fell back to eager (in part or whole) says so in its status,
+    so that its number is never read as compiled."""
+    from torch._dynamo.utils import counters
     rows = []
     for case, k_u, s, shape, build in comps:
         B, C, H, W = shape
@@ -424,6 +460,7 @@ def run_gpu(comps, dtypes):
                 for b, fn in fns.items():
                     row = dict(meta(), case=case, backend=b, direction="fwd+bwd" if backward else "fwd", dtype=dt,
                                k_u=k_u, scale=s, B=B, C=C, H=H, W=W, load_before=os.getloadavg()[0])
+                    counters.clear()
                     try:
                         saved = kept_for_backward(fn) if backward else ""
                         step(fn, backward)  # the warm-up: compilation, autotuning, the allocator
@@ -440,6 +477,12 @@ def run_gpu(comps, dtypes):
                                    gb_per_s=_g(floor / ms / 1e6) if case == "op" else "",
                                    floor_bytes=floor if case == "op" else "", saved_for_backward_bytes=saved,
                                    peak_cuda_bytes=peak, status="ok")
+                        if b == "torch.compile":
+                            row["dynamo"], eager = dynamo_note(counters)
+                            if eager:
+                                row["status"] = f"eager fallback: {row['dynamo']}"
+                                print(f"warning: {case} {b} {dt} k_u={k_u} s={s:g} ran (partly) eagerly: "
+                                      f"{row['dynamo']}", flush=True)
                     except Exception as e:  # noqa: BLE001 - an OOM or a compiler failure is a result
                         row.update(status=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
                         torch.cuda.empty_cache()

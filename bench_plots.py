@@ -3,7 +3,8 @@
     python bench_plots.py results/cpu/bench.csv [--out DIR]
 
 throughput_vs_k_u.png / throughput_vs_scale.png: output megapixels/s, one line per scale (per k_u),
-ours solid and the baseline dashed, forward and forward+backward columns; speedup.png: the speed-up
+ours solid and the baseline dashed, forward and forward+backward columns, one row of panels per
+case, shape and dtype; speedup.png: the speed-up
 over each case's baseline as a k_u x scale heat map; memory.png: what autograd keeps for backward
 against k_u and scale; memory_ratio.png: ours over the official-style module's on the narrow maps,
 per backend; gbps.png (GPU runs): effective GB/s on the op's byte floor. Titles name the device,
@@ -69,9 +70,15 @@ def _ok(rows, *cases):
     return [r for r in rows if r["status"] == "ok" and r["case"] in cases and r.get("ms", "") != ""]
 
 
+def panel_of(r) -> tuple:
+    """What one panel draws: a case at one shape in one dtype (fp32 and bf16 points never share a line
+    or a heat-map cell)."""
+    return r["case"], shape_of(r), r.get("dtype") or "fp32"
+
+
 def _panels(sel):
-    """(case, shape) pairs that have points, in a stable order."""
-    return sorted({(r["case"], shape_of(r)) for r in sel}, key=lambda p: (list(BASELINES).index(p[0]), p[1]))
+    """(case, shape, dtype) of the panels that have points, in a stable order."""
+    return sorted({panel_of(r) for r in sel}, key=lambda p: (list(BASELINES).index(p[0]), p[1], p[2]))
 
 
 def _lines(ax, sel, x_key, line_key, y_key, scale_y=1.0):
@@ -119,16 +126,17 @@ def _per_direction(rows, out, sel, panels, x_key, y_key, ylabel, title, name):
     line_key = "scale" if x_key == "k_u" else "k_u"
     dirs = sorted({r["direction"] for r in sel})
     fig, axes = _figure(panels, len(dirs))
-    for i, (case, shape) in enumerate(panels):
+    for i, panel in enumerate(panels):
+        case, shape, dtype = panel
         for j, d in enumerate(dirs):
             ax = axes[i][j]
-            pts = [r for r in sel if r["case"] == case and shape_of(r) == shape and r["direction"] == d]
+            pts = [r for r in sel if panel_of(r) == panel and r["direction"] == d]
             if not pts:
                 ax.set_axis_off()
                 continue
             _lines(ax, pts, x_key, line_key, y_key)
             ax.set(xlabel="kernel size k_u (k_u x k_u samples)" if x_key == "k_u" else "scale s", ylabel=ylabel,
-                   yscale="log", title=f"{case} {shape}, {d}: ours solid, {BASELINES[case]} dashed")
+                   yscale="log", title=f"{case} {shape} {dtype}, {d}: ours solid, {BASELINES[case]} dashed")
     fig.suptitle(f"{title}\n{run_label(rows)}")
     return _save(fig, out, name)
 
@@ -156,15 +164,15 @@ def speedup(rows, out):
     points say so in their cell."""
     sel = _ok(rows, "op", "module", "carafe")
     panels = []
-    for case, shape in _panels(sel):
-        ours = sorted({r["backend"] for r in sel if r["case"] == case and shape_of(r) == shape} - {BASELINES[case]})
-        panels += [(case, shape, b) for b in ours]
+    for panel in _panels(sel):
+        ours = sorted({r["backend"] for r in sel if panel_of(r) == panel} - {BASELINES[panel[0]]})
+        panels += [(*panel, b) for b in ours]
     if not panels:
         return None
     dirs = sorted({r["direction"] for r in sel})
     fig, axes = _figure(panels, len(dirs), w=5.6)
-    for i, (case, shape, backend) in enumerate(panels):
-        pts = [r for r in rows if r["case"] == case and r.get("B", "") != "" and shape_of(r) == shape]
+    for i, (case, shape, dtype, backend) in enumerate(panels):
+        pts = [r for r in rows if r.get("B", "") != "" and panel_of(r) == (case, shape, dtype)]
         ks, ss = sorted({r["k_u"] for r in pts}), sorted({r["scale"] for r in pts})
         for j, d in enumerate(dirs):
             ms = {(r["backend"], r["k_u"], r["scale"]): r["ms"] for r in pts if r["direction"] == d
@@ -175,7 +183,7 @@ def speedup(rows, out):
                    and r["status"] != "ok"}
             note = [[why.get((k, s), "") for s in ss] for k in ks]
             _heat(axes[i][j], _grid(cells, ks, ss), ks, ss, lambda v: f"{v:.1f}x",
-                  f"{case} {shape}, {d}:\n{backend} over {BASELINES[case]}", "viridis", vmin=0, note=note)
+                  f"{case} {shape} {dtype}, {d}:\n{backend} over {BASELINES[case]}", "viridis", vmin=0, note=note)
     fig.suptitle(f"Speed-up over the baseline\n{run_label(rows)}")
     return _save(fig, out, "speedup.png")
 
@@ -188,12 +196,13 @@ def memory(rows, out):
     if not panels:
         return None
     fig, axes = _figure(panels, 2)
-    for i, (case, shape) in enumerate(panels):
-        pts = [r for r in sel if r["case"] == case and shape_of(r) == shape]
+    for i, panel in enumerate(panels):
+        case, shape, dtype = panel
+        pts = [r for r in sel if panel_of(r) == panel]
         for j, (x_key, line_key) in enumerate((("k_u", "scale"), ("scale", "k_u"))):
             _lines(axes[i][j], pts, x_key, line_key, "saved_for_backward_bytes", 2.0 ** -20)
             axes[i][j].set(xlabel="k_u" if x_key == "k_u" else "scale s", ylabel="MiB kept for backward (log)",
-                           yscale="log", title=f"{case} {shape}: ours solid, {BASELINES[case]} dashed")
+                           yscale="log", title=f"{case} {shape} {dtype}: ours solid, {BASELINES[case]} dashed")
     fig.suptitle(f"Memory kept for backward\n{run_label(rows)}")
     return _save(fig, out, "memory.png")
 

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # the kernels can then only run through the i
 from kernels.launchers import Problem  # noqa: E402
 
 from . import cache  # noqa: E402
-from .sweep import ALL_DTYPES, DTYPES  # noqa: E402
+from .sweep import ALL_DTYPES, DTYPES, VARIANTS  # noqa: E402
 
 
 def _sweep(args):
@@ -26,14 +26,15 @@ def _sweep(args):
               "write the cache); the timings mean nothing", file=sys.stderr)
     else:
         print(f"tuning on {torch.cuda.get_device_name()}", file=sys.stderr)
-    rows = sweep(args.problems, args.dtype, args.backward, args.quick)
-    print(f"{'bucket':44} {'tried':>5} {'best ms':>9} {'default ms':>10} {'speed-up':>8}  {'config':30} "
+    rows = sweep(args.problems, args.dtype, args.variants, args.quick)
+    width = max([len(r.bucket) for r in rows] + [6])
+    print(f"{'bucket':{width}} {'tried':>5} {'best ms':>9} {'default ms':>10} {'speed-up':>8}  {'config':30} "
           f"{'rel err':>7}  status")
     for r in rows:
         c = r.config
         cfg = f"P{c.block_p} D{c.block_d} C{c.block_c} w{c.num_warps} s{c.num_stages}" \
               f"{' cl' if c.channels_last else ''}" if c else "-"
-        print(f"{r.bucket:44} {r.tried:5d} {r.best_ms:9.3f} {r.default_ms:10.3f} {r.default_ms / r.best_ms:7.2f}x  "
+        print(f"{r.bucket:{width}} {r.tried:5d} {r.best_ms:9.3f} {r.default_ms:10.3f} {r.default_ms / r.best_ms:7.2f}x  "
               f"{cfg:30} {r.rel_err:7.1e}  {r.status}")
     print(f"saved to {cache.cache_path()}")
     failed = [r for r in rows if r.status != "ok"]
@@ -53,10 +54,12 @@ def _show(args):
         print(f"no tuning cache at {path}, and no committed table for this device in {cache.DEFAULTS}: the "
               "launchers use their default configurations")
         return
-    print(f"{'bucket':44} {'configuration':30} {'time ms':>9} {'default ms':>10}  verified  source")
+    ident = cache.identity()
+    width = 86  # a bucket: kernel, dtype, weights, offset, rpb, coords, padding, grid, sizes
+    print(f"{'bucket':{width}} {'configuration':30} {'time ms':>9} {'default ms':>10}  verified  source")
     for f in files:
         try:
-            entries = cache._read(f)
+            entries = cache._read(f, ident)
             timings = json.loads(f.read_text()).get("timings", {})
         except ValueError as e:
             print(f"skipped: {e}")
@@ -68,7 +71,7 @@ def _show(args):
             ms, dms = (f"{t[n]:.3f}" if n in t else "-" for n in ("ms", "default_ms"))
             # the sweep stores a winner only after it matched the reference
             verified = f"yes {t['rel_err']:.0e}" if "rel_err" in t else "yes"
-            print(f"{key:44} {cfg:30} {ms:>9} {dms:>10}  {verified:8}  {f}")
+            print(f"{key:{width}} {cfg:30} {ms:>9} {dms:>10}  {verified:8}  {f}")
 
 
 def _clear(args):
@@ -137,8 +140,10 @@ def main(argv=None):
     sw.add_argument("--groups", type=_positive(int), nargs="+", help="G values (default: 1 2 4; 2 with --quick)")
     sw.add_argument("--heads", type=_positive(int), nargs="+", help="nh values (default: 1 2; 1 with --quick)")
     sw.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    sw.add_argument("--backward", action=argparse.BooleanOptionalAction, default=True,
-                    help="also tune the backward kernel (default: yes)")
+    sw.add_argument("--variants", nargs="+", choices=list(cache.KERNELS), default=list(VARIANTS),
+                    help="kernel variants: fwd (inference), fwd-train (the forward that stores the weights for the "
+                         "backward), bwd (atomic), bwd-det (deterministic mode); default: "
+                         f"{' '.join(VARIANTS)}, what inference and a training step run")
     sw.set_defaults(fn=_sweep)
     sh = sub.add_parser("show", help="print this device's tuned configurations as a table")
     sh.add_argument("--json", action="store_true", help="print the raw cache file instead")

@@ -55,9 +55,10 @@ def candidates(pb: Problem, backward: bool = False, quick: bool = False) -> list
     return [c for c in unpruned(pb, quick) if c.fits(pb) and estimated_registers(pb, c, backward) <= MAX_REGISTERS]
 
 
-def spill_free(pb: Problem, configs: list[Config], backward: bool, dtype: str = "fp32", cc: int = 90) -> list[Config]:
+def spill_free(pb: Problem, configs: list[Config], backward: bool, dtype: str = "fp32", cc: int = 90,
+               deterministic: bool = False) -> list[Config]:
     """The configurations whose every launch (the forward's inference and training launches, or the
-    backward's) compiles for sm_<cc>, specialised as the JIT would at this problem, and keeps
-    everything in registers."""
-    found = evaluate(pb, dtype, "bwd" if backward else "fwd", configs, cc)
+    backward's, atomic or deterministic) compiles for sm_<cc>, specialised as the JIT would at this
+    problem, and keeps everything in registers."""
+    found = evaluate(pb, dtype, "bwd" if backward else "fwd", configs, cc, deterministic)
     return [c for c, reports in zip(configs, found) if all(r.spill_free for r in reports)]

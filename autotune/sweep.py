@@ -1,5 +1,9 @@
-"""Offline sweeps: for each shape bucket, time every spill-free candidate with do_bench (median)
-on fresh random inputs, check the fastest against the eager reference, keep it."""
+"""Offline sweeps: for each kernel variant and shape bucket, time every spill-free candidate with
+do_bench (median) on fresh random inputs, check the fastest against the eager reference, keep it.
+
+The variants tuned are those LDA-AQU's module runs (offsets and rpb, align-corners positions, zero
+padding): by default the inference forward and a training step's two launches, the forward that
+stores the softmax weights and the atomic backward; the deterministic backward on request."""
 from __future__ import annotations
 
 import itertools
@@ -22,6 +26,7 @@ DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}  # the tuned ones 
 FPN = [(100, 152), (50, 76), (25, 38), (13, 19)]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CHECKED = 3  # ranked configurations checked before a bucket is given up as broken
+VARIANTS = ("fwd", "fwd-train", "bwd")  # what inference and a training step run; "bwd-det" on request
 
 
 class Row(NamedTuple):
@@ -58,19 +63,36 @@ def inputs(pb: Problem, dtype: torch.dtype, device: str, seed: int = 0):
             randn(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, s=3.0), randn(pb.NH, pb.K, pb.D // pb.NH, s=0.5))
 
 
-def _runner(pb: Problem, cfg: Config, x, backward: bool, dout=None):
-    """The launch to time (or check): forward, or backward from a saved attention; results in the
-    order of x (q, k, v, offset, rpb)."""
+def variant(kernel: str) -> cache.Variant:
+    """The cache's name of what the sweep launches: the module's call of the kernel (see `_runner`)."""
+    return cache.Variant(kernel)
+
+
+def plan(pbs: list[Problem], dtypes: list[str], kernels: Iterable[str] = VARIANTS) -> list[tuple[str, Problem, str]]:
+    """(kernel, problem, dtype) of every bucket to tune, problem by problem (the first FPN level
+    first): a sweep cut short keeps whole levels."""
+    kernels = list(kernels)
+    for kernel in kernels:
+        if kernel not in cache.KERNELS:
+            raise ValueError(f"kernel variants are {cache.KERNELS}, got {kernel!r}")
+    return [(kernel, pb, dt) for pb in pbs for dt in dtypes for kernel in kernels]
+
+
+def _runner(pb: Problem, cfg: Config, x, kernel: str, dout=None):
+    """The launch of `kernel` to time (or check): the inference forward, the training forward that
+    stores the softmax weights, or a backward from them; results in the order of x (q, k, v,
+    offset, rpb)."""
     q, k, v, off, rpb = x
     size, spec = (pb.Ho, pb.Wo), Spec(pb.G, pb.NH, pb.K, scale=(pb.D // pb.NH) ** -0.5)
-    if not backward:
-        return lambda: (upsample_fwd(v, size, spec, off, q, k, rpb, config=cfg, need_attn=False)[0],)
+    if kernel in ("fwd", "fwd-train"):
+        return lambda: (upsample_fwd(v, size, spec, off, q, k, rpb, config=cfg, need_attn=kernel == "fwd-train")[0],)
     _, attn = upsample_fwd(v, size, spec, off, q, k, rpb)
     if dout is None:
         dout = torch.randn(pb.B, pb.C, pb.Ho, pb.Wo, device=v.device).to(v.dtype)
 
     def run():
-        dv, doff, dq, dk, drpb, _ = upsample_bwd(dout, v, size, spec, off, q, k, rpb, attn=attn, config=cfg)
+        dv, doff, dq, dk, drpb, _ = upsample_bwd(dout, v, size, spec, off, q, k, rpb, attn=attn, config=cfg,
+                                                 deterministic=kernel == "bwd-det")
         return dq, dk, dv, doff, drpb
     return run
 
@@ -100,10 +122,11 @@ def _reference(pb: Problem, x, dout, backward: bool) -> list[torch.Tensor]:
     return [torch.stack(p).sum(0) if i == 4 else torch.cat(p) for i, p in enumerate(zip(*parts))]
 
 
-def check(pb: Problem, cfg: Config, x, backward: bool) -> float:
+def check(pb: Problem, cfg: Config, x, kernel: str) -> float:
     """Largest relative error of the output (or of any gradient) against the eager reference."""
+    backward = kernel.startswith("bwd")
     dout = torch.randn(pb.B, pb.C, pb.Ho, pb.Wo, device=x[0].device).to(x[0].dtype)
-    got = _runner(pb, cfg, x, backward, dout)()
+    got = _runner(pb, cfg, x, kernel, dout)()
     refs = _reference(pb, x, dout, backward)
     errs = []
     for a, b in zip(got, refs):
@@ -114,29 +137,29 @@ def check(pb: Problem, cfg: Config, x, backward: bool) -> float:
     return max(errs)
 
 
-def _space(pb: Problem, backward: bool, dtype: str, quick: bool, cc: int) -> tuple[Config, ...]:
+def _space(pb: Problem, kernel: str, dtype: str, quick: bool, cc: int) -> tuple[Config, ...]:
     """What gets timed: spill-free candidates, compiled as the JIT specialises them at this problem
     (its sizes decide divisibility, so vector widths and registers)."""
+    backward = kernel.startswith("bwd")
     if INTERPRET:  # compiled spill reports mean nothing to the interpreter: the widest pixel tile only
         return (max(candidates(pb, backward, quick=True), key=lambda c: c.block_p),)
     found = candidates(pb, backward, quick)
-    print(f"    compiling {len(found)} {'bwd' if backward else 'fwd'} candidates for sm_{cc} to drop what spills",
-          file=sys.stderr, flush=True)
-    return tuple(spill_free(pb, found, backward, dtype, cc))
+    print(f"    compiling {len(found)} {kernel} candidates for sm_{cc} to drop what spills", file=sys.stderr, flush=True)
+    return tuple(spill_free(pb, found, backward, dtype, cc, deterministic=kernel == "bwd-det"))
 
 
-def tune(pb: Problem, dtype: str, backward: bool, quick: bool, cc: int, seed: int, log=sys.stderr) -> Row:
-    """Time the default and every candidate of one bucket, and check the fastest against the reference."""
+def tune(pb: Problem, dtype: str, kernel: str, quick: bool, cc: int, seed: int, log=sys.stderr) -> Row:
+    """Time the default and every candidate of one variant's bucket, and check the fastest against
+    the reference."""
     dt = DTYPES[dtype]
-    key = cache.bucket(pb, dt, backward)
-    kernel = "bwd" if backward else "fwd"
-    default = default_config(pb, backward)
-    space = _space(pb, backward, dtype, quick, cc)
+    key = cache.bucket(pb, dt, variant(kernel))
+    default = default_config(pb, kernel.startswith("bwd"))
+    space = _space(pb, kernel, dtype, quick, cc)
     x = inputs(pb, dt, "cpu" if INTERPRET else "cuda", seed)
     times = {}
     for cfg in dict.fromkeys((default,) + space):
         try:
-            times[cfg] = _time(_runner(pb, cfg, x, backward))
+            times[cfg] = _time(_runner(pb, cfg, x, kernel))
         except (OutOfResources, torch.cuda.OutOfMemoryError) as e:  # not a candidate on this device
             print(f"    skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}", file=log)
     if not times:
@@ -144,7 +167,7 @@ def tune(pb: Problem, dtype: str, backward: bool, quick: bool, cc: int, seed: in
     err = float("nan")
     for cfg in sorted(times, key=times.get)[:CHECKED]:
         try:
-            err = check(pb, cfg, x, backward)
+            err = check(pb, cfg, x, kernel)
         except torch.cuda.OutOfMemoryError:
             return Row(kernel, key, len(times), times[cfg], times.get(default, float("nan")), cfg, err,
                        "reference out of memory: not verified, not kept")
@@ -154,16 +177,16 @@ def tune(pb: Problem, dtype: str, backward: bool, quick: bool, cc: int, seed: in
                f"the {CHECKED} fastest disagree with the reference")
 
 
-def sweep(pbs: list[Problem], dtypes: list[str], backward: bool, quick: bool, log=sys.stderr) -> list[Row]:
-    """Tune every bucket, storing each verified winner as soon as it is found (a long sweep that is
-    interrupted keeps what it did)."""
+def sweep(pbs: list[Problem], dtypes: list[str], kernels: Iterable[str] = VARIANTS, quick: bool = False,
+          log=sys.stderr) -> list[Row]:
+    """Tune every bucket of plan(), storing each verified winner as soon as it is found (a long sweep
+    that is interrupted keeps what it did)."""
     cc = 90 if INTERPRET else 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
-    # problem by problem (the first FPN level first): a sweep cut short keeps whole levels
-    jobs = [(bwd, pb, dt) for pb in pbs for dt in dtypes for bwd in ((False, True) if backward else (False,))]
+    jobs = plan(pbs, dtypes, kernels)
     rows = []
-    for i, (bwd, pb, dt) in enumerate(jobs, 1):
+    for i, (kernel, pb, dt) in enumerate(jobs, 1):
         t = time.perf_counter()
-        row = tune(pb, dt, bwd, quick, cc, seed=i, log=log)
+        row = tune(pb, dt, kernel, quick, cc, seed=i, log=log)
         if row.status == "ok":
             cache.store({row.bucket: row.config},
                         {row.bucket: {"ms": row.best_ms, "default_ms": row.default_ms, "rel_err": row.rel_err}})

@@ -2,12 +2,17 @@
 # Everything a lent GPU should do, in one command that ends within 9 minutes on an H100:
 #   accuracy   the op against the float64 reference at FPN P2, fp32 and bf16, forward and gradients
 #   bandwidth  a 1 GiB device-to-device copy (GB/s), what the op's effective GB/s is compared with
-#   sweep      python -m autotune sweep over the FPN buckets (k_u 3 5 7, fp32 bf16, fwd and bwd)
+#   sweep      python -m autotune sweep over the FPN buckets the bench runs (k_u 3, fp32 bf16; the
+#              inference forward, the training forward and the backward)
 #   bench-*    bench.py at FPN P2 and at the latency workload (x2 of 1x256x120x120), against the
 #              eager op, its torch.compile and the official-style module
-#   tests      the test suite compiled for the GPU (no interpreter)
-#   table      TABLE.md for BENCHMARKS.md (device, torch and Triton versions, targets)
-# Every stage has a time limit (cut to what is left of the budget) and the next one runs whatever
+#   tests      the whole test suite compiled for the GPU (no interpreter), each test under a time
+#              limit; the log names every test that fails as it happens
+#   table      TABLE.md for BENCHMARKS.md (device, torch and Triton versions, targets) and SUMMARY.md,
+#              one screen: accuracy, GB/s against the copy, the op and module against eager,
+#              torch.compile and the official-style module, the tests that failed, the stages
+# Every stage has its own time budget (cut to what is left of the whole, less what the report
+# needs); a stage with no time left is skipped with a note, and the next one runs whatever
 # happened, so a run cut short still leaves its results: all under results/<gpu>/, with gpu.log
 # and stages.txt (how each stage ended). The sweep's cache lands in results/<gpu>/tuning/ (commit it
 # as autotune/defaults/) and the later stages use it. Nothing is installed: the machine's own
@@ -45,7 +50,7 @@ if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     SLUG=cpu-dry-run
 else
-    SLUG=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+    SLUG=$("$PY" -m autotune.device)  # the bench's and the tuning cache's name of this GPU
 fi
 RES=${RES:-results/$SLUG}
 mkdir -p "$RES"
@@ -54,12 +59,13 @@ LOG=$RES/gpu.log
 : > "$RES/stages.txt"
 export LDA_AQU_CACHE_DIR=$RES/tuning  # the sweep writes here; bench and tests read it
 
-# stage NAME LIMIT COMMAND...: run COMMAND under min(LIMIT, what is left of the budget) seconds,
-# its output to NAME.log, gpu.log and the terminal; record how it ended and go on
+# stage NAME LIMIT COMMAND...: run COMMAND under min(LIMIT, what is left of the budget less RESERVE)
+# seconds, its output to NAME.log, gpu.log and the terminal; record how it ended and go on
+RESERVE=20  # kept for the report, the last stage
 stage() {
     local name=$1 limit=$2
     shift 2
-    local left=$((BUDGET - SECONDS))
+    local left=$((BUDGET - RESERVE - SECONDS))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 5 ]; then
         printf '%-14s %-22s %4ss\n' "$name" "skipped: no time left" 0 | tee -a "$RES/stages.txt"
@@ -85,28 +91,31 @@ stage() {
 if [ "$DRY" = 1 ]; then
     stage accuracy 60 "$PY" scripts/gpu_stages.py accuracy --out "$RES"
     stage bandwidth 30 "$PY" scripts/gpu_stages.py bandwidth --out "$RES"
-    stage sweep 60 "$PY" -m autotune sweep --quick --kernel-sizes 3 --dtype fp32 --no-backward
-    stage bench-list 30 "$PY" bench.py --list --kernel-sizes 3 --scales 2 --shape 1 256 120 120
+    stage sweep 60 "$PY" -m autotune sweep --quick --kernel-sizes 3 --dtype fp32 --variants fwd-train
+    stage bench-list 30 "$PY" bench.py --list --cases module --kernel-sizes 3 --scales 2 --shape 1 256 120 120
     stage tests-list 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only
+    RESERVE=0
     stage table 30 "$PY" scripts/gpu_stages.py table --out "$RES"
 else
     # most telling first: the issue-4 numbers need accuracy, bandwidth and the FPN P2 bench; the
     # sweep before the bench so it runs tuned configurations. The compile checks
     # (tests/test_gpu_compile.py) are the same on any machine: CI runs them.
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    stage accuracy 60 "$PY" scripts/gpu_stages.py accuracy --out "$RES"
-    stage bandwidth 30 "$PY" scripts/gpu_stages.py bandwidth --out "$RES"
-    stage sweep 150 "$PY" -m autotune sweep --quick --kernel-sizes 3 5 7 --dtype fp32 bf16
-    stage bench-fpn-fp32 100 "$PY" bench.py --out "$RES/bench-fpn-fp32" --kernel-sizes 3 --scales 2 --dtype fp32 \
+    stage accuracy 45 "$PY" scripts/gpu_stages.py accuracy --out "$RES"
+    stage bandwidth 20 "$PY" scripts/gpu_stages.py bandwidth --out "$RES"
+    stage sweep 120 "$PY" -m autotune sweep --quick --kernel-sizes 3 --dtype fp32 bf16
+    stage bench-fpn-fp32 80 "$PY" bench.py --out "$RES/bench-fpn-fp32" --kernel-sizes 3 --scales 2 --dtype fp32 \
         --cases op module
-    stage tests 120 "$PY" -m pytest -q -p no:cacheprovider $XDIST --ignore=tests/test_gpu_compile.py \
-        --durations=10 --junitxml="$RES/tests.xml"
-    stage bench-latency 60 "$PY" bench.py --out "$RES/bench-latency" --shape 1 256 120 120 --kernel-sizes 3 \
+    # -v: each test's outcome is logged as it ends, so a stage cut short still names its failures
+    LDA_AQU_TEST_TIMEOUT=90 stage tests 150 "$PY" -m pytest -v -rfE -p no:cacheprovider $XDIST \
+        --ignore=tests/test_gpu_compile.py --durations=10 --junitxml="$RES/tests.xml"
+    stage bench-latency 45 "$PY" bench.py --out "$RES/bench-latency" --shape 1 256 120 120 --kernel-sizes 3 \
         --scales 2 --dtype fp32 --cases op module
-    stage bench-fpn-bf16 60 "$PY" bench.py --out "$RES/bench-fpn-bf16" --kernel-sizes 3 --scales 2 --dtype bf16 \
+    stage bench-fpn-bf16 45 "$PY" bench.py --out "$RES/bench-fpn-bf16" --kernel-sizes 3 --scales 2 --dtype bf16 \
         --cases op module
-    stage bench-upsamplers 60 "$PY" bench.py --out "$RES/bench-upsamplers" --scales 2 --dtype fp32 \
+    stage bench-upsamplers 40 "$PY" bench.py --out "$RES/bench-upsamplers" --scales 2 --dtype fp32 \
         --cases carafe dysample
+    RESERVE=0
     stage table 20 "$PY" scripts/gpu_stages.py table --out "$RES"
 fi
 echo "[${SECONDS}s] results in $RES:"

@@ -1,6 +1,7 @@
 """The stages of scripts/gpu.sh that no other command does: accuracy against the reference, device
-copy bandwidth, and the summary table for BENCHMARKS.md. Without a GPU each runs a small CPU form
-(the kernels through the interpreter) that proves the plumbing, and says so.
+copy bandwidth, and the report: TABLE.md for BENCHMARKS.md and SUMMARY.md, one screen of what the
+run found. Without a GPU each runs a small CPU form (the kernels through the interpreter) that
+proves the plumbing, and says so.
 
     python scripts/gpu_stages.py accuracy|bandwidth|table --out DIR
 """
@@ -12,8 +13,10 @@ import datetime
 import glob
 import json
 import os
+import re
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import torch
 
@@ -190,7 +193,73 @@ def table(out: str) -> int:
     with open(os.path.join(out, "TABLE.md"), "w") as f:
         f.write(text)
     print(text)
+    write_summary(out, copy, bench)
     return 0
+
+
+def failed_tests(out: str) -> tuple[str, list[str]]:
+    """The test stage's counts and the node ids that failed, errored or crashed: from its JUnit XML
+    when pytest finished, else from the names its log printed as they ran (a stage cut short)."""
+    xml, log = os.path.join(out, "tests.xml"), os.path.join(out, "tests.log")
+    if os.path.exists(xml):
+        try:
+            root = ET.parse(xml).getroot()
+            cases = root.iter("testcase")
+            bad = [f"{c.get('classname', '').replace('.', '/')}.py::{c.get('name')}" for c in cases
+                   if c.find("failure") is not None or c.find("error") is not None]
+            suite = root if root.tag == "testsuite" else root.find("testsuite")
+            n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            return (f"{n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, {n['failures']} failed, "
+                    f"{n['errors']} errors, {n['skipped']} skipped"), bad
+        except (ET.ParseError, AttributeError, ValueError):
+            pass
+    if not os.path.exists(log):
+        return "not run", []
+    text = open(log).read()
+    bad = sorted(set(re.findall(r"(?:FAILED|ERROR) (tests/\S+)", text)) |
+                 set(re.findall(r"worker '\w+' crashed while running '([^']+)'", text)))
+    return "no JUnit report (the stage was cut short or crashed); names from its log", bad
+
+
+def write_summary(out: str, copy, bench) -> None:
+    """SUMMARY.md: one screen of the run (the details in TABLE.md and the logs)."""
+    lines = [f"# {device_name()}: torch {torch.__version__}, Triton {triton.__version__}, "
+             f"{datetime.date.today().isoformat()}", ""]
+    acc = _read(os.path.join(out, "accuracy.csv"))
+    for r in acc:
+        worst = max(GRADS, key=lambda k: float(r[k]))
+        lines.append(f"- accuracy {r['dtype']}: worst relative error {r[worst]} ({worst}) against float64")
+    if not acc:
+        lines.append("- accuracy: not measured")
+    lines.append(f"- device copy: {_fmt(copy)} GB/s" if copy else "- device copy: not measured")
+    speed = {}
+    for r in bench:
+        key = (r["case"], r["dtype"], r["direction"], r["k_u"], r["scale"], f"{r['B']}x{r['C']}x{r['H']}x{r['W']}")
+        speed.setdefault(key, {})[r["backend"]] = r
+    for (case, dtype, d, k, sc, shape), by in sorted(speed.items()):
+        ours = by.get("triton") or by.get("LDAAQU")
+        if not ours:
+            continue
+        ms = float(ours["ms"])
+        parts = [f"{ms:.3g} ms"]
+        for base in ("eager", "torch.compile", "official-style"):
+            if base in by:
+                parts.append(f"{float(by[base]['ms']) / ms:.2f}x {base}")
+        if ours.get("gb_per_s") and copy:
+            parts.append(f"{float(ours['gb_per_s']):.0f} GB/s = {100 * float(ours['gb_per_s']) / copy:.0f}% of copy")
+        lines.append(f"- {case} {shape} k_u={k} s={float(sc):g} {dtype} {d}: " + ", ".join(parts))
+    if not bench:
+        lines.append("- bench: no rows (see stages below)")
+    counts, bad = failed_tests(out)
+    lines.append(f"- tests (compiled for the GPU): {counts}")
+    lines += [f"  - {t}" for t in bad[:12]] + ([f"  - ... {len(bad) - 12} more (tests.log)"] if len(bad) > 12 else [])
+    if os.path.exists(os.path.join(out, "stages.txt")):
+        lines += ["", "Stages (name, how it ended, seconds):", "", "```",
+                  open(os.path.join(out, "stages.txt")).read().rstrip(), "```"]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "SUMMARY.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def main() -> int:

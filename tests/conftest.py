@@ -1,6 +1,8 @@
 """Kernels run compiled on a CUDA GPU when there is one (tensors are made there by default), else on
 CPU through the Triton interpreter, which must be on before `kernels` is imported."""
+import faulthandler
 import os
+import signal
 import sys
 
 import torch
@@ -28,3 +30,29 @@ def poison_empty(monkeypatch):
             t.detach().fill_(-(2**30))
         return t
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+# A per-test time limit without pytest-timeout (the GPU machine has only pytest and pytest-xdist):
+# $LDA_AQU_TEST_TIMEOUT seconds, then the test fails with its stack; a test stuck where Python cannot
+# interrupt it (a kernel that never returns) is stopped 30 s later by faulthandler, which prints every
+# thread's stack and ends the process (under xdist: the worker, reported as crashed in that test).
+TIMEOUT = float(os.environ.get("LDA_AQU_TEST_TIMEOUT", "0") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if TIMEOUT <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past LDA_AQU_TEST_TIMEOUT={TIMEOUT:g} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, TIMEOUT)
+    faulthandler.dump_traceback_later(TIMEOUT + 30, exit=True)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()

@@ -7,6 +7,13 @@ import torch
 DEVICE = torch.get_default_device()
 
 
+def seeded_randn(*shape, generator: torch.Generator, dtype=None, device=None) -> torch.Tensor:
+    """N(0, 1) drawn on the CPU from a CPU `generator` (the seed replays on any machine), returned on
+    `device` (default: the tests' default device, the GPU on a CUDA machine)."""
+    x = torch.randn(*shape, generator=generator, dtype=dtype, device="cpu")
+    return x.to(torch.get_default_device() if device is None else device)
+
+
 def fresh_seed() -> int:
     """A new seed each run (fresh inputs), reported in assertion messages so a failure replays."""
     return int.from_bytes(os.urandom(4), "little")
@@ -79,7 +86,7 @@ def assert_matches_with_grads(got, ref, inputs: dict, seed: int, tol: float = 1e
     for fn in (got, ref):
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in inputs.items()}
         out = fn(leaves)
-        out.backward(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed)))
+        out.backward(seeded_randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed)))
         results.append((out.detach(), leaves))
     (out, a), (expect, b) = results
     assert out.shape == expect.shape and rel_err(out, expect) < 1e-12, f"seed={seed}"

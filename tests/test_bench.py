@@ -12,6 +12,7 @@ import torch
 import bench
 import bench_plots
 import upsampler.module
+from helpers import seeded_randn
 from upsampler.official import official_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def test_recomputed_offset_branch_keeps_less_and_matches_the_official_gradients(
     grads = []
     for fn in (lambda: m(x), lambda: official_forward(sd, x, scale_factor=2, n_groups=2, k_u=3)):
         out = fn()
-        dout = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        dout = seeded_randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
         grads.append(torch.autograd.grad(out, [x, *sd.values()], dout))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -197,3 +198,77 @@ def test_targets_table_says_pass_and_miss_from_the_numbers():
     assert lines[("3", "2")].count(" pass") == 3 and "7.0x pass" in lines[("3", "2")]  # (4 + k_u)x by construction
     assert "**miss** (not timed: refused" in lines[("5", "3")]
     assert missed == [((1, 128, 40, 60), 5, 3, "fwd"), ((1, 128, 40, 60), 5, 3, "fwd+bwd")]
+
+
+def _gpu_rows():
+    """A made-up GPU CSV: the op (triton, eager, torch.compile) and the module in fp32 and bf16, each dtype
+    with its own speed-ups (bf16's baselines slower)."""
+    base = dict(device="NVIDIA H200 (made up)", torch="2.x", triton="3.x", date="2026-01-01", B=2, C=256, H=100,
+                W=152, reps="", load_before=0.1, load_after=0.1, status="ok")
+    rows = []
+    for case, backends in (("op", ("triton", "eager", "torch.compile")), ("module", ("LDAAQU", "official-style"))):
+        for dtype, slower in (("fp32", 4), ("bf16", 9)):
+            for k in (3, 5):
+                for s in (2,):
+                    for d, f in (("fwd", 1), ("fwd+bwd", 3)):
+                        for i, b in enumerate(backends):
+                            ms = f * k * s * (1 if i == 0 else slower + i)
+                            rows.append(dict(base, case=case, backend=b, direction=d, dtype=dtype, k_u=k, scale=s,
+                                             ms=ms, mpix_per_s=100 / ms, gb_per_s=1000 / ms if case == "op" else "",
+                                             saved_for_backward_bytes=2 ** 20 * (i + 1) if d == "fwd+bwd" else ""))
+    return bench_plots.read_rows(rows)
+
+
+def test_gpu_plots_split_by_dtype(tmp_path, monkeypatch):
+    """fp32 and bf16 rows draw separate panels: no line visits an x twice (a zig-zag through both
+    dtypes), and each speed-up cell is its own dtype's ratio, not the last dtype's."""
+    import matplotlib.axes
+    lines, cells = [], {}
+    plot, heat = matplotlib.axes.Axes.plot, bench_plots._heat
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, x, *a, **k: lines.append(list(x)) or plot(ax, x, *a, **k))
+    monkeypatch.setattr(bench_plots, "_heat", lambda ax, grid, ks, ss, fmt, title, *a, **k: cells.setdefault(
+        title, (grid, ks, ss)) and heat(ax, grid, ks, ss, fmt, title, *a, **k))
+    # what is drawn, not the pixels: no file rendered
+    monkeypatch.setattr(bench_plots, "_save", lambda fig, out, name: bench_plots.plt.close(fig) or name)
+    rows = _gpu_rows()
+    assert bench_plots.throughput(rows, str(tmp_path), "k_u") and bench_plots.speedup(rows, str(tmp_path))
+    assert lines and all(x == sorted(set(x)) for x in lines)
+    assert {p[2] for p in bench_plots._panels(rows)} == {"fp32", "bf16"}
+    for dtype, slower in (("fp32", 4), ("bf16", 9)):
+        for case, ours, base, i in (("op", "triton", "eager", 1), ("module", "LDAAQU", "official-style", 1)):
+            grid, ks, ss = cells[f"{case} 2x256x100x152 {dtype}, fwd:\n{ours} over {base}"]
+            assert grid == [[slower + i] * len(ss)] * len(ks)
+
+
+def test_timed_backward_leaves_no_grad_behind():
+    """fwd+bwd steps return their gradients: nothing accumulates in .grad across repetitions."""
+    m = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    fn = lambda: m(x)  # noqa: E731
+    for _ in range(3):
+        bench.step(fn, backward=True)
+    assert x.grad is None and m.weight.grad is None and m.bias.grad is None
+    assert {id(t) for t in bench._leaves[fn]} == {id(x), id(m.weight), id(m.bias)}
+
+
+def test_dynamo_fallback_is_reported():
+    """A compiled function that graph-breaks or reaches the recompile limit is reported as (partly) eager."""
+    from torch._dynamo.utils import counters
+
+    def note(fn, *calls):
+        torch._dynamo.reset()
+        counters.clear()
+        f = torch.compile(fn, backend="eager", dynamic=False)
+        for args in calls:
+            f(*args)
+        return bench.dynamo_note(counters)
+
+    def breaks(x):
+        y = x + 1
+        torch._dynamo.graph_break()
+        return y * 2
+    assert note(torch.sin, (torch.ones(3),))[1] is False
+    assert note(breaks, (torch.ones(3),))[1] is True
+    with torch._dynamo.config.patch(recompile_limit=2):
+        flagged = note(torch.sin, *[(torch.ones(n),) for n in (2, 3, 4, 5)])
+    assert flagged[1] is True and "recompile limit (2) reached" in flagged[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err
+from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err, seeded_randn
 from upsampler import CARAFE, local_upsample
 from upsampler.plain import carafe_forward, carafe_reassemble
 
@@ -22,7 +22,7 @@ def mmcv_state_dict(C, s, k, G, enc_k, cc, seed):
     g = torch.Generator().manual_seed(seed)
     shapes = {"channel_compressor.weight": (cc, C, 1, 1), "channel_compressor.bias": (cc,),
               "content_encoder.weight": (k * k * G * s * s, cc, enc_k, enc_k), "content_encoder.bias": (k * k * G * s * s,)}
-    return {n: torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 for n, shape in shapes.items()}
+    return {n: seeded_randn(shape, generator=g, dtype=torch.float64) * 0.5 for n, shape in shapes.items()}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -34,7 +34,7 @@ def test_matches_definition_forward_and_backward(backend, name):
                backend=backend).double()
     sd = mmcv_state_dict(C, s, k, G, enc_k, cc, seed)
     m.load_state_dict(sd, strict=True)
-    x = torch.randn(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    x = seeded_randn(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     params = dict(m.named_parameters())
     out = assert_matches_with_grads(
         lambda t: functional_call(m, {n: t[n] for n in params}, (t["x"],), dict(size=size)),
@@ -50,8 +50,8 @@ def test_op_reassembly_gradients(backend):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     B, C, H, W, s, k, G = 1, 8, 3, 5, 3, 3, 4
-    v = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
-    logits = torch.randn(B, G, k * k, s * H, s * W, dtype=torch.float64, generator=g) * 2
+    v = seeded_randn(B, C, H, W, dtype=torch.float64, generator=g)
+    logits = seeded_randn(B, G, k * k, s * H, s * W, dtype=torch.float64, generator=g) * 2
     assert_matches_with_grads(
         lambda t: local_upsample(t["v"], (s * H, s * W), logits=t["logits"], kernel_size=k, coords="nearest",
                                  backend=backend),

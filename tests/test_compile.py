@@ -11,7 +11,7 @@ float64 just the same, and equality is held to 1e-9 instead of 1e-4."""
 import pytest
 import torch
 
-from helpers import fresh_seed, rel_err
+from helpers import fresh_seed, rel_err, seeded_randn
 from upsampler import CARAFE, LDAAQU, DySample
 from upsampler.function import upsample_bwd_op, upsample_fwd_op
 from upsampler.official import official_state_dict
@@ -35,7 +35,7 @@ def dysample(backend, seed):
     m = DySample(16, 2, groups=2, dyscope=True, backend=backend)
     with torch.no_grad():  # offsets of a pixel or so, and a scope that is not the zero init
         for p in m.parameters():
-            p.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
+            p.copy_(seeded_randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
     return m
 
 
@@ -59,8 +59,8 @@ def test_compiled_module_matches_eager(build, backend):
     # compiles the first size static and the second dynamic. Each Inductor compile costs ~20-60 s here.
     compiled = torch.compile(m, fullgraph=True, dynamic=True if backend == "torch" else None)
     for H, W in SIZES:
-        x = torch.randn(2, 16, H, W, generator=gen, dtype=torch.float64)
-        dout = torch.randn(2, 16, 2 * H, 2 * W, generator=gen, dtype=torch.float64)
+        x = seeded_randn(2, 16, H, W, generator=gen, dtype=torch.float64)
+        dout = seeded_randn(2, 16, 2 * H, 2 * W, generator=gen, dtype=torch.float64)
         eager, comp = forward_backward(m, m, x, dout), forward_backward(compiled, m, x, dout)
         for name, g in eager.items():
             assert g is not None and comp[name] is not None, f"{name}: no gradient, size {(H, W)}, seed={seed}"
@@ -78,12 +78,12 @@ def test_custom_ops_fake_layouts_are_the_real_ones(layout):
 
     g = torch.Generator().manual_seed(fresh_seed())
     B, C, D, H, W, Ho, Wo, G, nh, K = 1, 8, 4, 3, 4, 6, 8, 2, 2, 9
-    v, q, k = (laid_out(torch.randn(*s, generator=g)) for s in ((B, C, H, W), (B, D, Ho, Wo), (B, D, H, W)))
-    offset = laid_out(torch.randn(B, G * 2 * K, Ho, Wo, generator=g))
-    rpb = laid_out(torch.randn(nh, K, D // nh, generator=g))
+    v, q, k = (laid_out(seeded_randn(*s, generator=g)) for s in ((B, C, H, W), (B, D, Ho, Wo), (B, D, H, W)))
+    offset = laid_out(seeded_randn(B, G * 2 * K, Ho, Wo, generator=g))
+    rpb = laid_out(seeded_randn(nh, K, D // nh, generator=g))
     spec = (G, nh, K, "attention", "align_corners", "zeros", 0, 0.5)
     fwd = (v, [Ho, Wo], offset, q, k, rpb, None, *spec, True)
     torch.library.opcheck(upsample_fwd_op, fwd, test_utils="test_faketensor")
     out, attn = upsample_fwd_op(*fwd)
-    bwd = (laid_out(torch.randn(out.shape, generator=g)), v, [Ho, Wo], offset, q, k, rpb, None, attn, *spec, False)
+    bwd = (laid_out(seeded_randn(out.shape, generator=g)), v, [Ho, Wo], offset, q, k, rpb, None, attn, *spec, False)
     torch.library.opcheck(upsample_bwd_op, bwd, test_utils="test_faketensor")

@@ -24,9 +24,10 @@ def _model(seed):
 
 
 def _data(seed):
+    # gloo ranks train on the CPU
     g = torch.Generator().manual_seed(seed + 1)
-    return [(torch.randn(BATCH, 8, 9, 11, generator=g, dtype=torch.float64),
-             torch.randn(BATCH, 16, 5, 6, generator=g, dtype=torch.float64)) for _ in range(STEPS)]
+    return [(torch.randn(BATCH, 8, 9, 11, generator=g, dtype=torch.float64, device="cpu"),
+             torch.randn(BATCH, 16, 5, 6, generator=g, dtype=torch.float64, device="cpu")) for _ in range(STEPS)]
 
 
 def _train(model, data, rows):

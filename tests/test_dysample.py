@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err
+from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err, seeded_randn
 from upsampler import DySample, local_upsample
 from upsampler.plain import dysample_forward, dysample_init_pos, dysample_offset
 
@@ -23,10 +23,10 @@ def official_state_dict(C, s, style, G, dyscope, seed):
     """The official keys and shapes; offsets of a few pixels, so samples cross cells and the border."""
     g = torch.Generator().manual_seed(seed)
     c_in, c_out = (C // (s * s), 2 * G) if style == "pl" else (C, 2 * G * s * s)
-    sd = {"offset.weight": torch.randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64) * 3,
-          "offset.bias": torch.randn(c_out, generator=g, dtype=torch.float64)}
+    sd = {"offset.weight": seeded_randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64) * 3,
+          "offset.bias": seeded_randn(c_out, generator=g, dtype=torch.float64)}
     if dyscope:
-        sd["scope.weight"] = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64)
+        sd["scope.weight"] = seeded_randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64)
     # float64 init_pos: the official float32 buffer rounds 1/3 (a 1e-8 shift the op does not make)
     sd["init_pos"] = dysample_init_pos(s, G, torch.float64)
     return sd
@@ -53,7 +53,7 @@ def test_matches_definition_forward_and_backward(backend, name):
     m = DySample(C, s, style, G, dyscope, backend=backend).double()
     sd = official_state_dict(C, s, style, G, dyscope, seed)
     m.load_state_dict(sd, strict=True)
-    x = torch.randn(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    x = seeded_randn(2, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     params = dict(m.named_parameters())
     out = assert_matches_with_grads(
         lambda t: functional_call(m, {n: t[n] for n in params}, (t["x"],)),
@@ -71,7 +71,7 @@ def test_any_size(backend):
     m = DySample(C, s, style, G, dyscope, backend=backend).double()
     sd = official_state_dict(C, s, style, G, dyscope, seed)
     m.load_state_dict(sd)
-    x = torch.randn(1, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    x = seeded_randn(1, C, H, W, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         offsets = F.pixel_shuffle(dysample_offset(sd, x, scale=s, style=style), s)
         for size in ((s * H, s * W), (s * H - 1, s * W + 2), (3, 20)):
@@ -86,8 +86,8 @@ def test_op_sampling_gradients(backend):
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     B, C, H, W, G, size = 1, 8, 4, 5, 2, (12, 15)
-    v = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
-    off = torch.randn(B, G, 2, *size, dtype=torch.float64, generator=g) * 3  # the op's layout: (group, y|x)
+    v = seeded_randn(B, C, H, W, dtype=torch.float64, generator=g)
+    off = seeded_randn(B, G, 2, *size, dtype=torch.float64, generator=g) * 3  # the op's layout: (group, y|x)
     assert_matches_with_grads(
         lambda t: local_upsample(t["v"], size, offset=t["off"].flatten(1, 2), num_groups=G, coords="half_pixel",
                                  padding="border", backend=backend),

@@ -3,7 +3,7 @@ backward, NaN; each with the behaviour the README promises, on every backend."""
 import pytest
 import torch
 
-from helpers import fresh_seed, make_problem
+from helpers import fresh_seed, make_problem, seeded_randn
 from upsampler import (CARAFE, FPN, LDAAQU, DySample, deformable_local_attention, interpolate, local_upsample)
 from upsampler.fpn import UPSAMPLERS
 from upsampler.naive import positions
@@ -153,7 +153,7 @@ def _nan_case(mode, seed):
         return t, args, dict(coords="align_corners", padding="zeros")
     if mode == "logits":  # CARAFE: a window around the nearest source pixel, no offsets
         g = torch.Generator().manual_seed(seed)
-        t["logits"] = torch.randn(1, 1, K, 8, 10, generator=g, dtype=torch.float64)
+        t["logits"] = seeded_randn(1, 1, K, 8, 10, generator=g, dtype=torch.float64)
         return t, dict(logits=t["logits"], kernel_size=3), dict(coords="nearest", padding="zeros")
     # DySample: one unit-weight sample per pixel and group, border padding
     t["offset"] = t["offset"].view(1, 2, K, 2, 8, 10)[:, :, 4].reshape(1, 4, 8, 10)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from helpers import fresh_seed
+from helpers import fresh_seed, seeded_randn
 from upsampler import CARAFE, FPN, LDAAQU, DySample
 from upsampler.fpn import UPSAMPLERS
 
@@ -22,7 +22,7 @@ def _randomised(m, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # away from the zero offsets and plain kernels of the initialisation
         for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            p.copy_(seeded_randn(p.shape, generator=g) * 0.3)
     return m.double().eval()
 
 

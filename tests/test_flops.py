@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import upsampler
+from helpers import seeded_randn
 from upsampler import LDAAQU, deformable_local_attention
 
 
@@ -22,9 +23,9 @@ def test_flop_counter_counts_the_op(backend, rpb):
     B, C, D, H, W, Ho, Wo, G, k_u = 2, 8, 4, 3, 4, 6, 7, 2, 3
     K = k_u * k_u
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(B, D, Ho, Wo, generator=g), torch.randn(B, D, H, W, generator=g)
-    v, off = torch.randn(B, C, H, W, generator=g), torch.randn(B, G * 2 * K, Ho, Wo, generator=g)
-    bias = torch.randn(1, K, D, generator=g) if rpb else None
+    q, k = seeded_randn(B, D, Ho, Wo, generator=g), seeded_randn(B, D, H, W, generator=g)
+    v, off = seeded_randn(B, C, H, W, generator=g), seeded_randn(B, G * 2 * K, Ho, Wo, generator=g)
+    bias = seeded_randn(1, K, D, generator=g) if rpb else None
     ts = [t.requires_grad_() for t in (q, k, v, off)]
     with FlopCounterMode(display=False) as fwd:
         out = deformable_local_attention(*ts, bias, num_groups=G, backend=backend)

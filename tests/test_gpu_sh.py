@@ -28,3 +28,34 @@ def test_gpu_sh_dry_run(tmp_path):
     assert "=== " in (res / "gpu.log").read_text()
     with tarfile.open(pack / "results-cpu-dry-run.tgz") as tar:
         assert {"res/TABLE.md", "res/stages.txt", "res/accuracy.csv"} <= set(tar.getnames())
+    summary = (res / "SUMMARY.md").read_text()
+    assert "accuracy fp32: worst relative error" in summary and "device copy:" in summary
+
+
+def test_summary_names_speedups_and_failed_tests(tmp_path):
+    """SUMMARY.md from a made-up GPU run: the op against eager and torch.compile with its share of the
+    copy bandwidth, the module against the official-style one, and every failed test by name, from
+    the log when pytest was cut short before its JUnit report."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_stages", os.path.join(ROOT, "scripts", "gpu_stages.py"))
+    stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stages)
+    (tmp_path / "bandwidth.json").write_text(json.dumps({"gb_per_s": 4000.0}))
+    (tmp_path / "bench-fpn").mkdir()
+    base = dict(B=2, C=256, H=100, W=152, k_u=3, scale=2.0, dtype="bf16", direction="fwd", status="ok", gb_per_s="")
+    rows = [dict(base, case="op", backend="triton", ms=0.5, gb_per_s=2000.0),
+            dict(base, case="op", backend="eager", ms=5.0), dict(base, case="op", backend="torch.compile", ms=1.5),
+            dict(base, case="module", backend="LDAAQU", ms=1.0), dict(base, case="module", backend="official-style", ms=4.0)]
+    with open(tmp_path / "bench-fpn" / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["ms"])
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "tests.log").write_text("tests/test_op.py::test_a PASSED\nFAILED tests/test_op.py::test_b - boom\n"
+                                        "[gw1] node down: worker 'gw1' crashed while running 'tests/test_x.py::test_c'\n")
+    assert stages.table(str(tmp_path)) == 0
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "op 2x256x100x152 k_u=3 s=2 bf16 fwd: 0.5 ms, 10.00x eager, 3.00x torch.compile, 2000 GB/s = 50% of copy" \
+        in summary
+    assert "module 2x256x100x152 k_u=3 s=2 bf16 fwd: 1 ms, 4.00x official-style" in summary
+    assert "  - tests/test_op.py::test_b" in summary and "  - tests/test_x.py::test_c" in summary
+    assert len(summary.splitlines()) < 40

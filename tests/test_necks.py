@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import backends_under_test, fresh_seed, rel_err
+from helpers import backends_under_test, fresh_seed, rel_err, seeded_randn
 from upsampler import FPN_LAU, FPN_UPSAMPLE, DySample, neck_state_dict
 from upsampler.official import official_forward, official_state_dict
 from upsampler.plain import carafe_forward, dysample_forward, dysample_init_pos
@@ -114,7 +114,7 @@ def random_state_dict(shapes, upsample_cfg, seed, dtype=torch.float64):
     sd = {}
     for k, s in shapes.items():
         fan_in = math.prod(s[1:]) if len(s) > 1 else 1
-        sd[k] = torch.randn(s, generator=g, dtype=dtype) * (fan_in ** -0.5 if len(s) > 1 else 0.3)
+        sd[k] = seeded_randn(s, generator=g, dtype=dtype) * (fan_in ** -0.5 if len(s) > 1 else 0.3)
     cfg = dict(upsample_cfg)
     kind = cfg.pop("type")
     for i in {int(k.split(".")[1]) for k in sd if k.startswith("upsample_modules.")}:
@@ -254,7 +254,7 @@ def test_released_checkpoint_loads_strictly(tmp_path, name, fmt):
     neck = cls(**kwargs(cfg))
     shapes = key_set(**kwargs(cfg))
     g = torch.Generator().manual_seed(fresh_seed())
-    saved = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    saved = {k: seeded_randn(s, generator=g) for k, s in shapes.items()}
     ckpt = detector_checkpoint(saved, fmt, mmdet)
     if fmt != "dict":
         torch.save(ckpt, tmp_path / "detector.pth")
@@ -298,7 +298,7 @@ def pyramid(image, n, seed, in_channels=IN_CHANNELS, batch=2):
         sizes.append((h, w))
         h, w = -(-h // 2), -(-w // 2)
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, c, *s, generator=g, dtype=torch.float64) for c, s in zip(in_channels, sizes)]
+    return [seeded_randn(batch, c, *s, generator=g, dtype=torch.float64) for c, s in zip(in_channels, sizes)]
 
 
 def check(cls, shapes, forward, cfg, xs, backend, seed):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import fresh_seed, make_problem, rel_err, upcast
+from helpers import fresh_seed, make_problem, rel_err, seeded_randn, upcast
 from upsampler import deformable_local_attention
 
 NAMES = ("q", "k", "v", "offset", "rpb")
@@ -42,7 +42,7 @@ BACKENDS = ["triton", "torch"]
 def test_backward_matches_reference(case, dtype, backend):
     seed = fresh_seed()
     t, kw = make_problem(*CASES[case], dtype=dtype, seed=seed, rpb=seed % 3 != 0)
-    dout = torch.randn(t["q"].shape[0], t["v"].shape[1], *t["q"].shape[2:], dtype=torch.float64,
+    dout = seeded_randn(t["q"].shape[0], t["v"].shape[1], *t["q"].shape[2:], dtype=torch.float64,
                        generator=torch.Generator().manual_seed(seed))
     got = grads(t, kw, backend, dout)
     ref = grads(upcast(t), kw, "reference", dout)

@@ -3,7 +3,7 @@ against the eager reference (float64), the deterministic backward for each, and 
 import pytest
 import torch
 
-from helpers import fresh_seed, rel_err
+from helpers import fresh_seed, rel_err, seeded_randn
 from upsampler import local_upsample
 
 # name: (mode, coords, padding, offsets?, kernel_size, G, nh, K); C=8, 5x7 -> 10x13
@@ -21,7 +21,7 @@ def problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dtype=t
     B, C, D, H, W, Ho, Wo = 2, 8, 8, 5, 7, 10, 13
 
     def randn(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+        return (seeded_randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
     t = {"v": randn(B, C, H, W)}
     if offsets:
         t["offset"] = randn(B, G * 2 * K, Ho, Wo, s=2.0)
@@ -51,7 +51,7 @@ def run(t, kw, size, backend, dout, deterministic=False):
 def test_mode_matches_reference_and_is_deterministic(name):
     seed = fresh_seed()
     t, kw, size = problem(*MODES[name], seed=seed)
-    dout = torch.randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    dout = seeded_randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     out, grads = run(t, kw, size, "triton", dout)
     ref, ref_grads = run(t, kw, size, "reference", dout)
     assert rel_err(out, ref) < 1e-12, f"seed={seed}"

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from helpers import fresh_seed, rel_err
+from helpers import fresh_seed, rel_err, seeded_randn
 from upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
 from upsampler import torch_path
 
@@ -25,7 +25,7 @@ def problem(name, mode, seed, dtype=torch.float64, offsets=True):
     K, D = ks * ks, 2 * C
 
     def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+        return seeded_randn(*shape, generator=g, dtype=torch.float64).to(dtype)
     t = dict(v=randn(B, C, H, W), offset=randn(B, G * 2 * K, *size) * 2 if offsets else None)
     if mode == "attention":
         t.update(q=randn(B, D, *size), k=randn(B, D, H, W), rpb=randn(nh, K, D // nh) * 0.5)

@@ -13,11 +13,17 @@ from kernels.layout import acc_dtype, neighbours
 from .torch_path import refuse_double_backward
 
 
-def _config(v, size, q, spec: Spec, backward: bool):
-    if not v.is_cuda:
+def _tunable(v) -> bool:
+    return v.is_cuda
+
+
+def _config(kernel: str, v, size, q, offset, rpb, spec: Spec):
+    """The tuned configuration of the kernel variant this launch runs, on v's device; None (the
+    launcher's default) off CUDA or where that variant was never tuned."""
+    if not _tunable(v):
         return None
-    from autotune.cache import lookup  # lazy: the cache file is read on first use only
-    return lookup(Problem.of(v, size, q, spec), v.dtype, backward=backward)
+    from autotune.cache import Variant, lookup  # lazy: the cache file is read on first use only
+    return lookup(Problem.of(v, size, q, spec), v.dtype, Variant.of(kernel, spec, offset, rpb), v.device)
 
 
 @torch.library.custom_op("lda_aqu::upsample_fwd", mutates_args=())
@@ -26,8 +32,10 @@ def upsample_fwd_op(v: torch.Tensor, size: list[int], offset: Optional[torch.Ten
                     NH: int, K: int, weights: str, coords: str, padding: str, grid: int, scale: float,
                     need_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
     spec = Spec(G, NH, K, weights, coords, padding, grid, scale)
-    out, attn = upsample_fwd(v, size, spec, offset, q, k, rpb, wts, config=_config(v, size, q, spec, False),
-                             need_attn=need_attn)
+    # the launcher stores the softmax weights (for the backward) only for softmax weight modes
+    kernel = "fwd-train" if need_attn and weights in ("attention", "logits") else "fwd"
+    cfg = _config(kernel, v, size, q, offset, rpb, spec)
+    out, attn = upsample_fwd(v, size, spec, offset, q, k, rpb, wts, config=cfg, need_attn=need_attn)
     return out, (attn if attn is not None else v.new_empty(0))
 
 
@@ -45,8 +53,8 @@ def upsample_bwd_op(dout: torch.Tensor, v: torch.Tensor, size: list[int], offset
                     wts: Optional[torch.Tensor], attn: Optional[torch.Tensor], G: int, NH: int, K: int, weights: str,
                     coords: str, padding: str, grid: int, scale: float, deterministic: bool) -> list[torch.Tensor]:
     spec = Spec(G, NH, K, weights, coords, padding, grid, scale)
-    grads = upsample_bwd(dout, v, size, spec, offset, q, k, rpb, wts, attn, config=_config(v, size, q, spec, True),
-                         deterministic=deterministic)
+    cfg = _config("bwd-det" if deterministic else "bwd", v, size, q, offset, rpb, spec)
+    grads = upsample_bwd(dout, v, size, spec, offset, q, k, rpb, wts, attn, config=cfg, deterministic=deterministic)
     return [g if g is not None else v.new_empty(0) for g in grads]
 
 
