@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import fractions
+import functools
 import math
 import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,6 +156,31 @@ def _same_size(size, other) -> bool:
     return all(statically_known_true(a == b) for a, b in zip(size, other))
 
 
+SIZES_CHECKED = 2 ** 17  # symbolic_scaled's small ratios are checked against int(H*s) for H up to this
+
+
+@functools.lru_cache(maxsize=None)
+def _small_ratio(s: float):
+    """(a, c) with H*a//c == int(H*s) for every H in 1..SIZES_CHECKED and c <= 10000, or None. The float
+    product rounds: s = 1.4 is a little below 7/5, yet int(5 * 1.4) = 7, and its exact ratio gives 6."""
+    H = np.arange(1, SIZES_CHECKED + 1, dtype=np.int64)
+    want = np.floor(H * s).astype(np.int64)
+    for d in (10, 100, 1000, 10000):
+        f = fractions.Fraction(s).limit_denominator(d)
+        if np.array_equal(H * f.numerator // f.denominator, want):
+            return f.numerator, f.denominator
+    return None
+
+
+def symbolic_scaled(n, s: float):
+    """int(n*s) for a symbolic size n: n*a//c where a small ratio is exact (integers, 1.5, 0.3, 2.6: the
+    exported program's guards stay simple), else the float product floored, which rounds as eager does."""
+    if s.is_integer():
+        return n * int(s)
+    ratio = _small_ratio(s)
+    return n * ratio[0] // ratio[1] if ratio else math.floor(n * s)
+
+
 class LDAAQU(nn.Module):
     """Learned upsampler: each output pixel attends, with its bilinearly upsampled query, to k_u x k_u
     keys/values sampled around it at learned offsets. [B, C, H, W] -> [B, C, int(H*s), int(W*s)], or
@@ -225,11 +253,12 @@ class LDAAQU(nn.Module):
         nn.init.zeros_(self.conv_offset[-1].bias)
 
     def output_size(self, H: int, W: int) -> tuple[int, int]:
-        """(int(H*s), int(W*s)); symbolic sizes (export) stay symbolic: int() of one would bake it in."""
+        """(int(H*s), int(W*s)). Symbolic sizes (export, compile(dynamic=True)) stay symbolic (int() of
+        one would bake it in) and give the same: see `symbolic_scaled`."""
+        s = float(self.scale_factor)
         if isinstance(H, int) and isinstance(W, int):
-            return int(H * self.scale_factor), int(W * self.scale_factor)
-        num, den = float(self.scale_factor).as_integer_ratio()
-        return H * num // den, W * num // den
+            return int(H * s), int(W * s)
+        return symbolic_scaled(H, s), symbolic_scaled(W, s)
 
     def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
         _check_input(x, self.in_channels, self.proj_q.weight)
