@@ -9,9 +9,12 @@ from .carafe import CARAFE
 from .dysample import DySample
 from .interpolation import interpolate
 from .functional import not_scriptable
+from .guided import FADE, SAPA
 from .module import LDAAQU, _check_input, _positive_int
 
-LEARNED = {"carafe": (CARAFE, "scale_factor"), "dysample": (DySample, "scale"), "lda_aqu": (LDAAQU, "scale_factor")}
+LEARNED = {"carafe": (CARAFE, "scale_factor"), "dysample": (DySample, "scale"), "lda_aqu": (LDAAQU, "scale_factor"),
+           "sapa": (SAPA, "scale_factor"), "fade": (FADE, "scale_factor")}
+GUIDED = ("sapa", "fade")  # called as module(the level below's lateral, the level), which must be half its size
 UPSAMPLERS = ("nearest", "bilinear", *LEARNED)
 
 
@@ -56,9 +59,11 @@ class FPN(nn.Module):
     max-pooling (1x1, stride 2) the last output, as mmdet's FPN (same state-dict keys for the convs).
 
     upsampler: "nearest" or "bilinear" (`interpolate`; upsampler_cfg may hold `align_corners` and
-    `backend`), or "carafe", "dysample", "lda_aqu" (one module per top-down step, built with
+    `backend`), or "carafe", "dysample", "lda_aqu", "sapa", "fade" (one module per top-down step, built with
     `out_channels`, scale 2 and upsampler_cfg as keyword arguments). Inputs [B, in_channels[i], H_i, W_i],
-    finest first, any sizes; returns a tuple of num_outs maps [B, out_channels, H_i, W_i].
+    finest first, any sizes; returns a tuple of num_outs maps [B, out_channels, H_i, W_i]. The guided
+    upsamplers (SAPA, FADE) take level i-1's lateral as their guide, before it receives the sum, and need
+    every level exactly twice the size of the one above.
     """
 
     def __init__(self, in_channels, out_channels: int, upsampler: str = "nearest", num_outs=None,
@@ -94,7 +99,9 @@ class FPN(nn.Module):
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
         for i in range(len(laterals) - 1, 0, -1):
             size = tuple(laterals[i - 1].shape[-2:])
-            if self.upsampler in LEARNED:
+            if self.upsampler in GUIDED:
+                up = self.upsample_modules[i - 1](laterals[i - 1], laterals[i])
+            elif self.upsampler in LEARNED:
                 up = self.upsample_modules[i - 1](laterals[i], size=size)
             else:
                 up = interpolate(laterals[i], size, **self.interpolate_cfg)

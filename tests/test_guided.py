@@ -1,0 +1,345 @@
+"""SAPA, SAPADeform and FADE (tiny-smart/detection-with-upsamplers) against plain-PyTorch re-derivations of
+the official forwards (SAPA's unfold + einsum forward check, SAPADeform's grid_sample one, FADE's SemiShift
+with mmcv's CARAFE reassembly), in float64: the output and every gradient, inputs and parameters, on every
+backend; the official key sets loading strictly, the official initialisation, exports, bad inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from helpers import assert_matches_with_grads, backends_under_test, fresh_seed
+from upsampler import FADE, SAPA, SAPADeform
+
+BACKENDS = tuple(dict.fromkeys(backends_under_test() + ("reference",)))
+
+
+# ---- the official forwards, re-derived from bare state dicts --------------------------------------------
+
+def _conv(sd, name, x, padding=0):
+    return F.conv2d(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"), padding=padding)
+
+
+def _norms(sd, y, x, groups):
+    if "norm_y.weight" not in sd:
+        return y, x
+    return (F.group_norm(y, groups, sd["norm_y.weight"], sd["norm_y.bias"]),
+            F.group_norm(x, groups, sd["norm_x.weight"], sd["norm_x.bias"]))
+
+
+def _window(t, k):
+    """[B, C, k*k, H, W]: the k x k neighbourhood of every pixel, zeros outside (F.unfold)."""
+    B, C, H, W = t.shape
+    return F.unfold(t, k, padding=k // 2).view(B, C, k * k, H, W)
+
+
+def sapa_official(sd, y, x, *, scale_factor=2, up_kernel_size=5, norm_groups=32):
+    """SAPA: qk and av of sapa's forward_check (unfold, einsum over the sub-pixel layout)."""
+    s, k = scale_factor, up_kernel_size
+    yn, xn = _norms(sd, y, x, norm_groups)
+    q, key = _conv(sd, "q", yn), _conv(sd, "k", xn)
+    B, E, H, W = key.shape
+    attn = torch.einsum("behiwj,benhw->bnhiwj", q.view(B, E, H, s, W, s), _window(key, k)).softmax(1)
+    out = torch.einsum("bnhiwj,bcnhw->bchiwj", attn, _window(x, k))
+    return out.reshape(B, x.shape[1], s * H, s * W)
+
+
+def _deform_sample(t, offset, P, s, G):
+    """deformsapa's forward_check sample(): t [B, Ct, H, W] read per group at (h + 0.5, w + 0.5) + offset
+    (x, y per point) normalised for grid_sample (bilinear, zeros, align_corners=False) ->
+    [B, G, P, Ct/G, sH, sW]."""
+    B, Ct, H, W = t.shape
+    off = offset.view(B, G * P, 2, s * H, s * W).permute(0, 1, 3, 4, 2)
+    cy = (torch.arange(H, dtype=t.dtype) + 0.5).repeat_interleave(s)
+    cx = (torch.arange(W, dtype=t.dtype) + 0.5).repeat_interleave(s)
+    centre = torch.stack(torch.meshgrid(cx, cy, indexing="xy"), -1)  # [sH, sW, (x, y)]
+    grid = 2 * (centre + off) / torch.tensor([W, H], dtype=t.dtype) - 1
+    tg = t.reshape(B * G, 1, Ct // G, H, W).expand(B * G, P, Ct // G, H, W).reshape(B * G * P, Ct // G, H, W)
+    out = F.grid_sample(tg, grid.reshape(B * G * P, s * H, s * W, 2), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out.view(B, G, P, Ct // G, s * H, s * W)
+
+
+def sapadeform_official(sd, y, x, *, scale_factor=2, num_point=9, groups=4, high_offset=True, norm_groups=32):
+    s, P, G = scale_factor, num_point, groups
+    yn, xn = _norms(sd, y, x, norm_groups)
+    q, key = _conv(sd, "q", yn), _conv(sd, "k", xn)
+    off = _conv(sd, "offset", xn)
+    off = F.pixel_shuffle(off, s) if high_offset else F.interpolate(off, scale_factor=s)
+    B, _, Ho, Wo = q.shape
+    attn = (q.view(B, G, 1, -1, Ho, Wo) * _deform_sample(key, off, P, s, G)).sum(3).softmax(2)
+    return (attn.unsqueeze(3) * _deform_sample(x, off, P, s, G)).sum(2).reshape(B, -1, Ho, Wo)
+
+
+def fade_official(sd, en, de, *, up_kernel_size=5):
+    """FADE: SemiShift's kernels, softmax, mmcv's carafe (the k x k window of the source pixel (Y//2,
+    X//2), zeros outside), and the gate when sd has one."""
+    k = up_kernel_size
+    pad = sd["ker_generator.content_encoder.weight"].shape[-1] // 2
+    enc, dec = _conv(sd, "ker_generator.compressor_en", en), _conv(sd, "ker_generator.compressor_de", de)
+    logits = _conv(sd, "ker_generator.content_encoder", enc, pad) + F.interpolate(
+        _conv(sd, "ker_generator.content_encoder", dec, pad), scale_factor=2)
+    kernels = logits.softmax(1)
+    B, C, H, W = de.shape
+    cols = F.interpolate(_window(de, k).flatten(1, 2), scale_factor=2).view(B, C, k * k, 2 * H, 2 * W)
+    up = (cols * kernels.unsqueeze(1)).sum(2)
+    if "gate_generator.conv.weight" not in sd:
+        return up
+    gate = torch.sigmoid(F.interpolate(_conv(sd, "gate_generator.conv", de), scale_factor=2))
+    return gate * en + (1 - gate) * up
+
+
+# ---- the official key sets -------------------------------------------------------------------------------
+
+def _conv_keys(name, c_out, c_in, k=1, bias=True):
+    return {f"{name}.weight": (c_out, c_in, k, k), **({f"{name}.bias": (c_out,)} if bias else {})}
+
+
+def official_keys(kind, C, cfg):
+    """One module's state-dict shapes as the official constructor builds it (dim_x = dim_y = C)."""
+    if kind == "fade":
+        k = cfg.get("up_kernel_size", 5)
+        gate = _conv_keys("gate_generator.conv", 1, C) if cfg.get("gating", False) else {}
+        return {**gate, **_conv_keys("ker_generator.compressor_en", 64, C),
+                **_conv_keys("ker_generator.compressor_de", 64, C, bias=False),
+                **_conv_keys("ker_generator.content_encoder", k * k, 64, 3)}
+    G = cfg.get("groups", 4) if kind == "sapadeform" else 1
+    E, bias = cfg.get("embedding_dim", 32) * G, cfg.get("qkv_bias", True)
+    norm = {f"norm_{n}.{p}": (C,) for n in "yx" for p in ("weight", "bias")} \
+        if cfg.get("norm", kind == "sapa") else {}
+    keys = {**norm, **_conv_keys("q", E, C, bias=bias), **_conv_keys("k", E, C, bias=bias)}
+    if kind == "sapadeform":
+        s2 = 4 if cfg.get("high_offset", True) else 1
+        keys.update(_conv_keys("offset", G * cfg.get("num_point", 9) * 2 * s2, C, bias=bias))
+    return keys
+
+
+def random_state_dict(shapes, seed, offset_scale=1.0):
+    """Random values under the official keys: uneven softmaxes, norms off their identity, offsets of
+    `offset_scale` pixels or so (many points off the map at 2)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, shape in shapes.items():
+        t = torch.randn(shape, generator=g, device="cpu", dtype=torch.float64)
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        if n.startswith("norm_") and n.endswith("weight"):
+            t = 1 + 0.2 * t
+        elif n.startswith("offset"):
+            t = t * offset_scale * (fan_in ** -0.5 if len(shape) > 1 else 1)
+        else:
+            t = t * (fan_in ** -0.5 if len(shape) > 1 else 0.3)
+        sd[n] = t
+    return sd
+
+
+# ---- parity, forward and every gradient --------------------------------------------------------------------
+
+BUILD = {"sapa": SAPA, "sapadeform": SAPADeform, "fade": FADE}
+OFFICIAL = {"sapa": sapa_official, "sapadeform": sapadeform_official, "fade": fade_official}
+# (kind, C, constructor keywords, the official forward's keywords); tiny maps and channels
+CASES = {
+    "sapa": ("sapa", 8, dict(norm_groups=4), dict(norm_groups=4)),
+    "sapa-k3-no_norm-no_bias": ("sapa", 8, dict(up_kernel_size=3, norm=False, qkv_bias=False, embedding_dim=4),
+                                dict(up_kernel_size=3)),
+    "sapadeform": ("sapadeform", 8, dict(groups=2, embedding_dim=4), dict(groups=2)),
+    "sapadeform-p5-low_offset-norm": ("sapadeform", 8, dict(num_point=5, groups=2, embedding_dim=4,
+                                                            high_offset=False, norm=True, norm_groups=2),
+                                      dict(num_point=5, groups=2, high_offset=False, norm_groups=2)),
+    "fade": ("fade", 8, dict(), dict()),
+    "fade-gating-k3": ("fade", 8, dict(gating=True, up_kernel_size=3), dict(up_kernel_size=3)),
+}
+SIZES = {"square": (3, 3), "wide": (2, 5)}
+SLOW = ("triton", "reference")  # the interpreter and the eager reference: the three defaults, one map, batch 1
+
+
+def _cases():
+    for name in CASES:
+        for backend in BACKENDS if name in BUILD else ("torch",):
+            for size in SIZES if backend not in SLOW and name in BUILD else ["wide"]:
+                yield name, backend, size
+
+
+@pytest.mark.parametrize("name,backend,size", list(_cases()))
+def test_matches_official_forward_and_backward(name, backend, size):
+    seed = fresh_seed()
+    kind, C, kw, ref_kw = CASES[name]
+    m = BUILD[kind](C, **kw, backend=backend).double()
+    sd = random_state_dict(official_keys(kind, C, kw), seed, offset_scale=3.0)
+    m.load_state_dict(sd, strict=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    H, W = SIZES[size]
+    B = 1 if backend in SLOW else 2
+    x = torch.randn(B, C, H, W, generator=g, device="cpu", dtype=torch.float64)
+    y = torch.randn(B, C, 2 * H, 2 * W, generator=g, device="cpu", dtype=torch.float64)
+    params = dict(m.named_parameters())
+    assert set(params) <= set(sd)
+    out = assert_matches_with_grads(
+        lambda t: functional_call(m, {n: t[n] for n in params}, (t["y"], t["x"])),
+        lambda t: OFFICIAL[kind]({**sd, **{n: t[n] for n in params}}, t["y"], t["x"], **ref_kw),
+        dict(params, x=x, y=y), seed)
+    assert out.shape == (B, C, 2 * H, 2 * W)
+
+
+def test_sapadeform_offsets_leave_the_map():
+    """The parity cases' offsets reach well outside the map: zero padding is exercised, not skirted."""
+    seed = fresh_seed()
+    kw = dict(groups=2, embedding_dim=4)
+    sd = random_state_dict(official_keys("sapadeform", 8, kw), seed, offset_scale=3.0)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    off = F.pixel_shuffle(_conv(sd, "offset", x), 2).view(2, 2, 9, 2, 6, 6)
+    pos = off + torch.arange(6, dtype=torch.float64).div(2, rounding_mode="floor").view(1, 1, 1, 1, 6, 1)
+    assert ((pos < -1) | (pos > 3)).double().mean() > 0.1, f"seed={seed}"
+
+
+# ---- keys, initialisation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,cfg", [("sapa", {}), ("sapadeform", {}), ("fade", {}), ("fade", dict(gating=True)),
+                                      ("sapadeform", dict(num_point=4, groups=2, high_offset=False, norm=True))])
+def test_official_key_sets_at_detector_width(kind, cfg):
+    m = BUILD[kind](64, **cfg)
+    assert {n: tuple(t.shape) for n, t in m.state_dict().items()} == official_keys(kind, 64, cfg)
+
+
+def test_official_initialisation():
+    """SAPA and SAPADeform: convs N(0, 0.02), zero biases, GroupNorm at (1, 0). FADE: xavier-uniform, zero
+    biases."""
+    for m in (SAPA(64), SAPADeform(64, norm=True)):
+        for name, p in m.named_parameters():
+            if name.startswith("norm_"):
+                assert torch.all(p == (1 if name.endswith("weight") else 0)), name
+            elif name.endswith("bias"):
+                assert not p.any(), name
+            else:
+                assert 0.015 < p.std() < 0.025, name
+    for name, p in FADE(64, gating=True).named_parameters():
+        if name.endswith("bias"):
+            assert not p.any(), name
+        else:
+            bound = math.sqrt(6 / ((p.shape[0] + p.shape[1]) * p[0, 0].numel()))
+            assert p.abs().max() <= bound and p.std() > bound / 3, name
+
+
+# ---- exports -----------------------------------------------------------------------------------------------
+
+def _randomised(kind, seed, C=8):
+    # few neighbours: the exporters trace the torch path's loop over them (a 5x5 window triples the time)
+    kw = {"sapa": dict(norm_groups=4, embedding_dim=4, up_kernel_size=3),
+          "sapadeform": dict(groups=2, embedding_dim=4, num_point=2), "fade": dict(gating=True, up_kernel_size=3)}[kind]
+    m = BUILD[kind](C, **kw)
+    m.load_state_dict({n: t.float() for n, t in random_state_dict(official_keys(kind, C, kw), seed).items()})
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind", list(BUILD))
+def test_torch_export_with_free_sizes(kind):
+    """The guide's height and width are 2h and 2w of a free h and w, the batch free."""
+    from torch.export import Dim
+    seed = fresh_seed()
+    m = _randomised(kind, seed).double()
+    b, h, w = Dim("b", min=1), Dim("h", min=1), Dim("w", min=1)
+    ep = torch.export.export(m, (torch.randn(2, 8, 6, 10, dtype=torch.float64),
+                                 torch.randn(2, 8, 3, 5, dtype=torch.float64)),
+                             dynamic_shapes=({0: b, 2: 2 * h, 3: 2 * w}, {0: b, 2: h, 3: w}))
+    for B, H, W in ((1, 1, 1), (3, 4, 2), (1, 7, 9)):
+        y, x = torch.randn(B, 8, 2 * H, 2 * W, dtype=torch.float64), torch.randn(B, 8, H, W, dtype=torch.float64)
+        with torch.no_grad():
+            got, expect = ep.module()(y, x), m(y, x)
+        assert got.shape == expect.shape == (B, 8, 2 * H, 2 * W)
+        assert (got - expect).abs().max() < 1e-12, f"{kind} at {(B, H, W)}, seed={seed}"
+
+
+@pytest.mark.parametrize("kind", ["sapadeform"])  # the op's modes of the others export with LDAAQU and CARAFE
+def test_onnx_export_runs_at_other_sizes(kind, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from torch.export import Dim
+    seed = fresh_seed()
+    m = _randomised(kind, seed)
+    path = str(tmp_path / f"{kind}.onnx")
+    b, h, w = Dim("b", min=1), Dim("h", min=1), Dim("w", min=1)
+    torch.onnx.export(m, (torch.randn(2, 8, 6, 10), torch.randn(2, 8, 3, 5)), path, input_names=["y", "x"],
+                      output_names=["out"], dynamic_shapes=({0: b, 2: 2 * h, 3: 2 * w}, {0: b, 2: h, 3: w}))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for B, H, W in ((2, 3, 5), (1, 4, 2)):
+        y, x = torch.randn(B, 8, 2 * H, 2 * W), torch.randn(B, 8, H, W)
+        got = torch.from_numpy(session.run(None, {"y": y.numpy(), "x": x.numpy()})[0])
+        with torch.no_grad():
+            expect = m(y, x)
+        assert got.shape == expect.shape and (got - expect).abs().max() < 1e-4, f"{kind} {(B, H, W)}, seed={seed}"
+
+
+def test_compiled_matches_eager():
+    """torch.compile(fullgraph=True, dynamic=True), the Inductor default: SAPADeform (offsets, q/k, groups) at
+    two sizes, the output and every gradient as eager (float64)."""
+    seed = fresh_seed()
+    torch._dynamo.reset()
+    m = _randomised("sapadeform", seed).double()
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(seed)
+    for H, W in ((3, 5), (4, 3)):
+        y = torch.randn(2, 8, 2 * H, 2 * W, generator=g, device="cpu", dtype=torch.float64)
+        x = torch.randn(2, 8, H, W, generator=g, device="cpu", dtype=torch.float64)
+        dout = torch.randn(2, 8, 2 * H, 2 * W, generator=g, device="cpu", dtype=torch.float64)
+        grads = []
+        for f in (m, compiled):
+            leaves = [t.clone().requires_grad_(True) for t in (y, x)]
+            m.zero_grad(set_to_none=True)
+            out = f(*leaves)
+            out.backward(dout)
+            grads.append([out.detach(), *(t.grad for t in leaves), *(p.grad for p in m.parameters())])
+        for a, b in zip(*grads):
+            assert b is not None and (a - b).abs().max() < 1e-9 * max(1.0, a.abs().max().item()), f"seed={seed}"
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------
+
+BAD_ARGS = [
+    (SAPA, dict(dim_y=0), "dim_y"),
+    (SAPA, dict(dim_y=16), "norm_groups"),
+    (SAPA, dict(dim_y=32, dim_x=48), "dim_x"),
+    (SAPA, dict(dim_y=32, up_kernel_size=4), "up_kernel_size"),
+    (SAPA, dict(dim_y=32, norm=1), "norm"),
+    (SAPA, dict(dim_y=32, embedding_dim=0), "embedding_dim"),
+    (SAPA, dict(dim_y=32, backend="cuda"), "backend"),
+    (SAPADeform, dict(dim_y=8, groups=3), "groups"),
+    (SAPADeform, dict(dim_y=8, num_point=0), "num_point"),
+    (SAPADeform, dict(dim_y=8, scale_factor=1.5), "scale_factor"),
+    (SAPADeform, dict(dim_y=8, high_offset="yes"), "high_offset"),
+    (FADE, dict(in_channels_en=8, in_channels_de=4, gating=True), "in_channels_en"),
+    (FADE, dict(in_channels_en=8, up_kernel_size=2), "up_kernel_size"),
+    (FADE, dict(in_channels_en=8, gating=None), "gating"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,arg", BAD_ARGS, ids=[f"{c.__name__}:{a}:{kw}" for c, kw, a in BAD_ARGS])
+def test_bad_arguments_raise(cls, kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        cls(**kw)
+
+
+@pytest.mark.parametrize("kind,names", [("sapa", ("y", "x")), ("fade", ("en", "de"))])
+def test_bad_inputs_raise(kind, names):
+    m = _randomised(kind, 0)
+    guide, low = names
+    with pytest.raises(ValueError, match=f"{guide} must be scale_factor=2 times {low}"):
+        m(torch.randn(1, 8, 6, 9), torch.randn(1, 8, 3, 5))
+    with pytest.raises(ValueError, match=f"{low} must be \\(B, 8, H, W\\)"):
+        m(torch.randn(1, 8, 6, 10), torch.randn(1, 4, 3, 5))
+    with pytest.raises(ValueError, match=f"{guide} must be \\(B, 8, H, W\\)"):
+        m(torch.randn(1, 6, 6, 10), torch.randn(1, 8, 3, 5))
+    with pytest.raises(ValueError, match=f"{guide} has batch size 2"):
+        m(torch.randn(2, 8, 6, 10), torch.randn(1, 8, 3, 5))
+    with pytest.raises(TypeError, match=guide):
+        m(torch.randn(1, 8, 6, 10).numpy(), torch.randn(1, 8, 3, 5))
+    with pytest.raises(TypeError, match=low):
+        m(torch.randn(1, 8, 6, 10), torch.randn(1, 8, 3, 5, dtype=torch.float64))
+
+
+def test_empty_batch_keeps_the_graph():
+    m = _randomised("sapadeform", 0)
+    y, x = torch.randn(0, 8, 6, 10, requires_grad=True), torch.randn(0, 8, 3, 5, requires_grad=True)
+    out = m(y, x)
+    assert out.shape == (0, 8, 6, 10)
+    out.sum().backward()
+    assert y.grad is not None and x.grad is not None and m.offset.weight.grad is not None
