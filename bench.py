@@ -41,13 +41,14 @@ import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 import bench_plots  # noqa: E402
+from kernels.layout import DTYPES as ALL_DTYPES  # noqa: E402
 from upsampler import CARAFE, LDAAQU, DySample, deformable_local_attention  # noqa: E402
 from upsampler.flops import count_flops  # noqa: E402
 from upsampler.naive import deformable_local_attention_ref  # noqa: E402
 from upsampler.official import official_forward  # noqa: E402
 from upsampler.plain import carafe_forward, dysample_forward  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}
 BASELINES = bench_plots.BASELINES
 FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "case", "backend", "direction", "dtype", "k_u",
           "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s", "gb_per_s", "floor_bytes",

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # the kernels can then only run through the i
 from kernels.launchers import Problem  # noqa: E402
 
 from . import cache  # noqa: E402
-from .sweep import DTYPES  # noqa: E402
+from .sweep import ALL_DTYPES, DTYPES  # noqa: E402
 
 
 def _sweep(args):
@@ -147,7 +147,7 @@ def main(argv=None):
     ins = sub.add_parser("inspect", help="compile what the op launches at one problem for a GPU and read the code: "
                                          "registers, spills, shared memory, loads by width, atomics, fences")
     ins.add_argument("--kernel-sizes", type=_odd, nargs="+", default=[3], metavar="K_U")
-    ins.add_argument("--dtype", nargs="+", choices=["fp32", "bf16", "fp16", "fp64"], default=["fp32", "bf16"])
+    ins.add_argument("--dtype", nargs="+", choices=list(ALL_DTYPES), default=["fp32", "bf16"])
     ins.add_argument("--shape", type=_positive(int), nargs=4, default=[2, 256, 100, 152], metavar=("B", "C", "H", "W"),
                      help="v's shape; q and k get D = C/4 channels (default: FPN P2, 2 256 100 152)")
     ins.add_argument("--scale", type=_positive(float), default=2.0)

@@ -20,9 +20,9 @@ import torch
 import triton
 
 from kernels.launchers import INTERPRET, KERNEL_VERSION, Config, Problem
+from kernels.layout import dtype_name
 
 ENV = "LDA_AQU_CACHE_DIR"
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 DEFAULTS = Path(__file__).parent / "defaults"  # committed tables for measured GPUs
 
 _entries: Optional[dict] = None
@@ -57,7 +57,7 @@ def cache_path() -> Path:
 def bucket(pb: Problem, dtype: torch.dtype, backward: bool) -> str:
     """The key of an entry: what the kernel is specialised on, and the output size to a power of 2."""
     size = 2 ** math.ceil(math.log2(max(pb.Ho * pb.Wo, 1)))
-    return (f"{'bwd' if backward else 'fwd'}|{DTYPES.get(dtype, str(dtype))}|D{pb.D}|C{pb.C}|G{pb.G}|NH{pb.NH}"
+    return (f"{'bwd' if backward else 'fwd'}|{dtype_name(dtype)}|D{pb.D}|C{pb.C}|G{pb.G}|NH{pb.NH}"
             f"|K{pb.K}|{pb.weights}|P{size}")
 
 

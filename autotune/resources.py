@@ -33,8 +33,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from kernels.launchers import INTERPRET, Config, Problem
+from kernels.layout import DTYPES, acc_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -126,7 +126,7 @@ def drive_launchers(pb: Problem, dtype: torch.dtype, config: Optional[Config], d
     `kernels.launchers` on CPU tensors of the problem's real shapes, yielding the phase of the
     launches made since the last yield."""
     from kernels.launchers import Spec, upsample_bwd, upsample_fwd
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     q, k, v, offset, rpb, wts = _inputs(pb, dtype)
     coords, padding, window, _ = MODES[pb.weights]
     spec = Spec(pb.G, pb.NH, pb.K, pb.weights, coords, padding, math.isqrt(pb.K) if window else 0,

@@ -11,12 +11,13 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from kernels.launchers import INTERPRET, Config, Problem, Spec, default_config, upsample_bwd, upsample_fwd
+from kernels.layout import DTYPES as ALL_DTYPES, acc_dtype
 from upsampler.naive import deformable_local_attention_ref
 
 from . import cache
 from .space import candidates, spill_free
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}  # the tuned ones (fp64 runs untuned)
 # FPN levels of an 800x1216 image, C=256, upsampled x2 into the next level
 FPN = [(100, 152), (50, 76), (25, 38), (13, 19)]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -88,7 +89,7 @@ def _reference(pb: Problem, x, dout, backward: bool) -> list[torch.Tensor]:
     fp32 positions floor exactly as the kernel's do, where an fp64 reference alone differs by 1e-5
     on a 200x304 map (and by 1e-3 in d(offset), samples flipping across cell edges). One batch
     element at a time: the eager op keeps K sampled copies of k and v."""
-    acc = torch.float64 if x[0].dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x[0].dtype)
     parts = []
     for b in range(pb.B):
         xb = [t.detach()[b:b + 1].to(acc).requires_grad_(backward) for t in x[:4]]

@@ -1,5 +1,12 @@
 """Triton kernels for local sampling upsamplers (LDA-AQU, CARAFE, DySample, interpolation) and their launchers."""
-from .launchers import INTERPRET, KERNEL_VERSION, Config, Problem, Spec, default_config, upsample_bwd, upsample_fwd
 
 __all__ = ["INTERPRET", "KERNEL_VERSION", "Config", "Problem", "Spec", "default_config", "upsample_bwd",
            "upsample_fwd"]
+
+
+def __getattr__(name):
+    # lazy: kernels.layout (plain torch) is imported by the torch path, which must not need Triton
+    if name in __all__:
+        from . import launchers
+        return getattr(launchers, name)
+    raise AttributeError(f"module 'kernels' has no attribute {name!r}")

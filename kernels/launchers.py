@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import acc_dtype, segments
 from .local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_fwd_kernel
 
 # kernels are decorated at import: the interpreter is on only if it was on then
@@ -55,12 +56,6 @@ class Problem(NamedTuple):
         return max((hi - lo for _, _, lo, hi in segments(channels, self.G, self.NH)), default=0)
 
 
-def segments(channels: int, G: int, NH: int) -> list[tuple[int, int, int, int]]:
-    """(group, head, first, end) of each channel run with one group and one head."""
-    cuts = sorted({i * channels // G for i in range(G + 1)} | {i * channels // NH for i in range(NH + 1)})
-    return [(lo * G // channels, lo * NH // channels, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
-
-
 def _even(channels: int, G: int, NH: int, block: int) -> bool:
     """Whether chunks of `block` channels tile every segment exactly (no channel mask needed)."""
     return all(lo % block == 0 and hi % block == 0 for _, _, lo, hi in segments(channels, G, NH))
@@ -101,7 +96,8 @@ def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERP
 
 
 def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    acc = acc_dtype(dtype)
+    return acc, tl.float64 if acc == torch.float64 else tl.float32
 
 
 def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from helpers import assert_matches_with_grads, backends_under_test, fresh_seed
-from upsampler import FADE, SAPA, SAPADeform
+from upsampler import FADE, FPN_UPSAMPLE, SAPA, SAPADeform
 
 BACKENDS = tuple(dict.fromkeys(backends_under_test() + ("reference",)))
 
@@ -123,9 +123,10 @@ def random_state_dict(shapes, seed, offset_scale=1.0):
     for n, shape in shapes.items():
         t = torch.randn(shape, generator=g, device="cpu", dtype=torch.float64)
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-        if n.startswith("norm_") and n.endswith("weight"):
+        layer = n.split(".")[-2]
+        if layer.startswith("norm_") and n.endswith("weight"):
             t = 1 + 0.2 * t
-        elif n.startswith("offset"):
+        elif layer == "offset":
             t = t * offset_scale * (fan_in ** -0.5 if len(shape) > 1 else 1)
         else:
             t = t * (fan_in ** -0.5 if len(shape) > 1 else 0.3)
@@ -290,6 +291,99 @@ def test_compiled_matches_eager():
             grads.append([out.detach(), *(t.grad for t in leaves), *(p.grad for p in m.parameters())])
         for a, b in zip(*grads):
             assert b is not None and (a - b).abs().max() < 1e-9 * max(1.0, a.abs().max().item()), f"seed={seed}"
+
+
+# ---- the neck ----------------------------------------------------------------------------------------------
+
+def fpn_upsample_guided_official(sd, xs, kind, num_outs, **kw):
+    """FPN_UPSAMPLE's forward with guided=True: laterals, then from the top laterals[i-1] +=
+    up[i-1](laterals[i-1], laterals[i]), 3x3 output convs, max-pooled extra levels."""
+    lats = [_conv(sd, f"lateral_convs.{i}.conv", x) for i, x in enumerate(xs)]
+    for i in range(len(lats) - 1, 0, -1):
+        p = f"upsample_modules.{i - 1}."
+        up = OFFICIAL[kind]({n[len(p):]: t for n, t in sd.items() if n.startswith(p)}, lats[i - 1], lats[i], **kw)
+        lats[i - 1] = lats[i - 1] + up
+    outs = [_conv(sd, f"fpn_convs.{i}.conv", x, padding=1) for i, x in enumerate(lats)]
+    while len(outs) < num_outs:
+        outs.append(F.max_pool2d(outs[-1], 1, stride=2))
+    return outs
+
+
+NECK_CFGS = {"sapa": (dict(type="sapa", guided=True, up_kernel_size=3), dict(up_kernel_size=3)),
+             "sapadeform": (dict(type="sapadeform", guided=True, num_point=5, groups=2, embedding_dim=4),
+                            dict(num_point=5, groups=2)),
+             "fade": (dict(type="fade", guided=True, gating=True, up_kernel_size=3), dict(up_kernel_size=3))}
+
+
+@pytest.mark.parametrize("kind", list(NECK_CFGS))
+def test_fpn_upsample_guided_matches_official(kind):
+    """Each step guided by the lower level's own lateral before it receives the sum; non-square levels,
+    an extra max-pooled level. 32 channels: SAPA's GroupNorm(32) as the official builds it."""
+    seed = fresh_seed()
+    cfg, ref_kw = NECK_CFGS[kind]
+    neck = FPN_UPSAMPLE([8, 16, 8], 32, 4, upsample_cfg=cfg, backend="torch").double()
+    sd = random_state_dict({n: t.shape for n, t in neck.state_dict().items()}, seed, offset_scale=3.0)
+    neck.load_state_dict(sd, strict=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    xs = [torch.randn(2, c, 8 >> i, 12 >> i, generator=g, device="cpu", dtype=torch.float64)
+          for i, c in enumerate([8, 16, 8])]
+    with torch.no_grad():
+        outs = neck(xs)
+    ref = fpn_upsample_guided_official(sd, xs, kind, 4, **ref_kw)
+    assert len(outs) == len(ref) == 4
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        assert o.shape == r.shape and (o - r).abs().max() < 1e-10 * r.abs().max(), f"level {i}, seed={seed}"
+
+
+# the neck configs of detection-with-upsamplers' configs/dynamic_upsampling, with their base's FPN
+DYNAMIC_UPSAMPLING = {
+    "fade": dict(type='FPN_UPSAMPLE', in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=5,
+                 upsample_cfg=dict(type='fade', guided=True,)),
+    "fade-without-gating": dict(type='FPN_UPSAMPLE', in_channels=[256, 512, 1024, 2048], out_channels=256,
+                                num_outs=5, upsample_cfg=dict(type='fade', guided=True, gating=False,)),
+    "sapa": dict(type='FPN_UPSAMPLE', in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=5,
+                 upsample_cfg=dict(type='sapa', guided=True,)),
+    "sapadeform-p9g4": dict(type='FPN_UPSAMPLE', in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=5,
+                            upsample_cfg=dict(type='sapadeform', guided=True, num_point=9, groups=4,
+                                              high_offset=True, norm=False)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("name", list(DYNAMIC_UPSAMPLING))
+def test_dynamic_upsampling_configs_build(name):
+    """Through mmengine's registry, unchanged; the builder's defaults (the plain fade config has no gate);
+    every upsampler the official key set."""
+    pytest.importorskip("mmengine", reason="the mm extra (pip install lda-aqu[mm])")
+    from mmengine.registry import MODELS
+    cfg = DYNAMIC_UPSAMPLING[name]
+    with torch.device("meta"):
+        neck = MODELS.build(dict(cfg, upsample_cfg=dict(cfg["upsample_cfg"])))
+    assert type(neck) is FPN_UPSAMPLE and len(neck.upsample_modules) == 3
+    kind = cfg["upsample_cfg"]["type"]
+    up_cfg = {k: v for k, v in cfg["upsample_cfg"].items() if k not in ("type", "guided")}
+    for m in neck.upsample_modules:
+        assert type(m) is BUILD[kind] and m.scale_factor == 2
+        assert {n: tuple(t.shape) for n, t in m.state_dict().items()} == official_keys(kind, 256, up_cfg)
+    if kind == "fade":
+        assert not neck.upsample_modules[0].gating
+
+
+NECK_BAD = [
+    (dict(type="dysample", guided=True), "guided must be False"),
+    (dict(type="nearest", guided=True), "guided must be False"),
+    (dict(type="sapa", guided=False), "guided must be True"),
+    (dict(type="fade"), "guided must be True"),
+    (dict(type="fade", guided="yes"), "guided must be True"),
+    (dict(type="sapa", guided=True, norm_groups=4), "upsample_cfg of type 'sapa' takes"),
+    (dict(type="sapadeform", guided=True, groups=3), "groups"),
+]
+
+
+@pytest.mark.parametrize("cfg,match", NECK_BAD, ids=[str(c) for c, _ in NECK_BAD])
+def test_fpn_upsample_guided_refuses(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        FPN_UPSAMPLE([8, 16], 32, 2, upsample_cfg=cfg)
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
+from kernels.layout import neighbours
+
 from . import function as _function  # noqa: F401  (registers lda_aqu::upsample_fwd/bwd)
 from . import torch_path as _torch_path  # noqa: F401  (registers lda_aqu::local_upsample_cpu[_bwd])
 
@@ -23,17 +25,6 @@ def op_flops(B: int, C: int, P: int, K: int, D: int = 0, rpb: bool = False, back
     attention); the backward alone when backward."""
     fwd = 2 * B * P * K * (5 * C + 5 * D + (D if rpb else 0))
     return 2 * fwd if backward else fwd
-
-
-def _samples(offset, rpb, wts, kernel_size, G):
-    """K from whichever shape carries it (shapes, not tensors: flop_counter passes shapes)."""
-    if wts is not None:
-        return wts[2]
-    if rpb is not None:
-        return rpb[1]
-    if offset is not None:
-        return offset[1] // (2 * G)
-    return kernel_size * kernel_size if kernel_size else 1
 
 
 def _count(v, P, K, q, rpb, backward):
@@ -47,13 +38,13 @@ def _register(target, formula):
 
 def _cpu_fwd(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, *args, out_shape=None,
              **kwargs):
-    K = _samples(offset, rpb, logits if logits is not None else weights, kernel_size, num_groups)
+    K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)  # shapes: flop_counter passes shapes
     return _count(v, Ho * Wo, K, q, rpb, False)
 
 
 def _cpu_bwd(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, *args, out_shape=None,
              **kwargs):
-    K = _samples(offset, rpb, logits if logits is not None else weights, kernel_size, num_groups)
+    K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)  # shapes: flop_counter passes shapes
     return _count(v, Ho * Wo, K, q, rpb, True)
 
 

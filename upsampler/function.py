@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from kernels.launchers import Problem, Spec, upsample_bwd, upsample_fwd
+from kernels.layout import acc_dtype, neighbours
 
 from .torch_path import refuse_double_backward
 
@@ -17,10 +18,6 @@ def _config(v, size, q, spec: Spec, backward: bool):
         return None
     from autotune.cache import lookup  # lazy: the cache file is read on first use only
     return lookup(Problem.of(v, size, q, spec), v.dtype, backward=backward)
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("lda_aqu::upsample_fwd", mutates_args=())
@@ -38,7 +35,7 @@ def upsample_fwd_op(v: torch.Tensor, size: list[int], offset: Optional[torch.Ten
 def _(v, size, offset, q, k, rpb, wts, G, NH, K, weights, coords, padding, grid, scale, need_attn):
     B, C = v.shape[:2]
     keep = need_attn and weights in ("attention", "logits")
-    attn = v.new_empty(B, NH, K, *size, dtype=_acc(v.dtype)) if keep else v.new_empty(0)
+    attn = v.new_empty(B, NH, K, *size, dtype=acc_dtype(v.dtype)) if keep else v.new_empty(0)
     return v.new_empty(B, C, *size), attn
 
 
@@ -88,8 +85,7 @@ def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel
     mode = "attention" if q is not None else "logits" if logits is not None else \
         "weights" if weights is not None else "unit"
     wts = logits if logits is not None else weights
-    K = (offset.shape[1] // (2 * num_groups) if offset is not None else wts.shape[2] if wts is not None
-         else kernel_size ** 2 if kernel_size else 1)
+    K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)
     spec = Spec(num_groups, num_heads, K, mode, coords, padding, kernel_size or 0, scale)
     need_attn = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (v, offset, q, k, rpb, wts))

@@ -70,12 +70,10 @@ def select_backend(backend: str, *tensors: torch.Tensor) -> str:
     return "triton" if tensors[0].is_cuda and refusal is None else "torch"
 
 
-def _infer_groups(n_offset: int, D: int, C: int, rpb: Optional[torch.Tensor], num_groups: Optional[int]) -> int:
+def _infer_groups(n_offset: int, D: int, C: int, num_groups: Optional[int]) -> int:
     """G from offset's G*2K channels, K = k_u**2 with k_u odd, G dividing D and C."""
     if num_groups is not None:
         candidates = [num_groups]
-    elif rpb is not None and rpb.dim() == 3 and rpb.shape[1] > 0 and n_offset % (2 * rpb.shape[1]) == 0:
-        candidates = [n_offset // (2 * rpb.shape[1])]
     else:
         candidates = [g for g in range(1, n_offset // 2 + 1) if n_offset % (2 * g) == 0]
     found = []
@@ -109,54 +107,14 @@ def _check_extent(name: str, t: torch.Tensor):
         raise ValueError(f"{name} has width 0: shape {tuple(t.shape)}")
 
 
-def _check(q, k, v, offset, rpb, num_heads, num_groups):
-    for name, t in (("q", q), ("k", k), ("v", v), ("offset", offset)):
-        _floating(name, t)
-    if rpb is not None and not isinstance(rpb, torch.Tensor):
-        raise TypeError(f"rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
-    for name, t in (("k", k), ("v", v), ("offset", offset), ("rpb", rpb)):
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-        if t is not None and t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
-    B, D, Ho, Wo = q.shape
-    C, H, W = v.shape[1:]
-    if k.shape[0] != B or v.shape[0] != B or offset.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}, offset {offset.shape[0]}")
-    if k.shape[1] != D:
-        raise ValueError(f"k has {k.shape[1]} channels but q has {D}")
-    if k.shape[2:] != v.shape[2:]:
-        raise ValueError(f"k is {tuple(k.shape[2:])} but v is {(H, W)} in space")
-    if offset.shape[2:] != q.shape[2:]:
-        raise ValueError(f"offset is {tuple(offset.shape[2:])} but q is {(Ho, Wo)} in space")
-    for name, t, n in (("q", q, D), ("v", v, C)):
-        if n == 0:
-            raise ValueError(f"{name} has no channels: shape {tuple(t.shape)}")
-    _check_extent("v", v)
-    _check_extent("q", q)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if D % num_heads or C % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide q's {D} and v's {C} channels")
-    if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1):
-        raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
-    if offset.shape[1] % 2:
-        raise ValueError(f"offset must have G*2*K channels, got {offset.shape[1]}")
-    G = _infer_groups(offset.shape[1], D, C, rpb, num_groups)
-    K = offset.shape[1] // (2 * G)
-    if rpb is not None and tuple(rpb.shape) != (num_heads, K, D // num_heads):
-        raise ValueError(f"rpb must have shape (num_heads, K, D//num_heads) = {(num_heads, K, D // num_heads)}, "
-                         f"got {tuple(rpb.shape)}")
-    return G
-
-
 def _is_int(x) -> bool:
     return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
 
 
 def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, coords,
-                   padding):
-    """(G, nh, K) of a local_upsample call, or a ValueError/TypeError naming the argument."""
+                   padding, first: str = "v"):
+    """(G, nh, K) of a local_upsample call, or a ValueError/TypeError naming the argument. `first`: the
+    argument whose device and dtype the others must have (the caller's first tensor)."""
     _floating("v", v)
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 or not all(_is_int(s) for s in size):
         raise TypeError(f"size must be a pair of ints (Ho, Wo), got {size!r}")
@@ -173,21 +131,23 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
         raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    named = dict(offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights)
+    named = {n: t for n, t in dict(v=v, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights).items()
+             if t is not None}
     for name, t in named.items():
-        if t is None:
-            continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != v.device:
-            raise ValueError(f"{name} is on {t.device} but v is on {v.device}")
-        if t.dtype != v.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but v has {v.dtype}")
+    ref = named[first]
+    for name, t in named.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {first} has {ref.dtype}")
         want = {"rpb": 3, "logits": 5, "weights": 5}.get(name, 4)
         if t.dim() != want:
             raise ValueError(f"{name} must be {want}-D, got shape {tuple(t.shape)}")
-        if name != "rpb" and t.shape[0] != B:
-            raise ValueError(f"{name} has batch size {t.shape[0]} but v has {B}")
+    batched = {n: t.shape[0] for n, t in named.items() if n != "rpb"}
+    if any(b != B for b in batched.values()):
+        raise ValueError(f"batch sizes differ: {', '.join(f'{n} {b}' for n, b in batched.items())}")
     if (q is None) != (k is None):
         raise ValueError("q and k go together: pass both (attention weights) or neither")
     if rpb is not None and q is None:
@@ -226,7 +186,7 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
         if tuple(k.shape[2:]) != (H, W):
             raise ValueError(f"k is {tuple(k.shape[2:])} in space but v is {(H, W)}")
         if D == 0:
-            raise ValueError(f"empty input: q {tuple(q.shape)}")
+            raise ValueError(f"q has no channels: shape {tuple(q.shape)}")
         if D % nh:
             raise ValueError(f"num_heads={nh} must divide q's {D} channels")
     if C % nh:
@@ -258,7 +218,7 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
                 raise ValueError(f"offset has {n} channels: not num_groups*2*K for num_groups={G} dividing the "
                                  f"{C} value channels" + (f" and {D} key channels" if q is not None else ""))
         else:
-            G = _infer_groups(n, D, C, None, num_groups)
+            G = _infer_groups(n, D, C, num_groups)
         K = n // (2 * G)
         if rpb is not None and tuple(rpb.shape) != (nh, K, q.shape[1] // nh):
             raise ValueError(f"rpb must have shape (num_heads, K, D//num_heads) = {(nh, K, q.shape[1] // nh)}, "
@@ -312,13 +272,20 @@ def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = No
     Returns:
         [B, C, Ho, Wo] in v's dtype (the autocast dtype under autocast).
     """
+    return _local_upsample("v", v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads,
+                           scale, coords, padding, backend)
+
+
+def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
+                    coords, padding, backend):
+    """local_upsample, its arguments' devices and dtypes those of the argument `first`."""
     if isinstance(v, torch.Tensor) and autocasting(v.device.type):
         dt = torch.get_autocast_dtype(v.device.type)
         v, offset, q, k, rpb, logits, weights = (
             t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (v, offset, q, k, rpb, logits, weights))
     G, nh, K = _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads,
-                              coords, padding)
+                              coords, padding, first)
     if q is None:
         scale = 1.0
     elif scale is None:
@@ -365,7 +332,8 @@ def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                num_groups: Optional[int] = None, scale: Optional[float] = None,
                                backend: str = "auto") -> torch.Tensor:
     """Offset-sampled neighbour gathering and softmax aggregation (LDA-AQU steps 4-5): `local_upsample`
-    with attention weights, align-corners positions and zero padding.
+    with attention weights, align-corners positions and zero padding, through the same checks (the
+    devices and dtypes of the others must be q's).
 
     Args:
         q: [B, D, Ho, Wo] queries at output resolution.
@@ -381,16 +349,8 @@ def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Returns:
         [B, C, Ho, Wo] in the inputs' dtype (the autocast dtype under autocast).
     """
-    if isinstance(q, torch.Tensor) and autocasting(q.device.type):
-        # one dtype for all: the autocast one, with fp32 accumulation inside
-        dt = torch.get_autocast_dtype(q.device.type)
-        q, k, v, offset, rpb = (t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                                for t in (q, k, v, offset, rpb))
-    G = _check(q, k, v, offset, rpb, num_heads, num_groups)
-    if scale is None:
-        scale = (q.shape[1] // num_heads) ** -0.5
-    _check_scale(scale)
-    if q.shape[0] == 0:
-        return empty_output((0, *v.shape[1:2], *q.shape[-2:]), q, k, v, offset, rpb)
-    return _run(backend, v, tuple(q.shape[-2:]), offset, q, k, rpb, None, None, None, G, num_heads, float(scale),
-                "align_corners", "zeros")
+    for name, t in (("q", q), ("k", k), ("offset", offset)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return _local_upsample("q", v, tuple(q.shape[-2:]), offset, q, k, rpb, None, None, None, num_groups, num_heads,
+                           scale, "align_corners", "zeros", backend)

@@ -5,7 +5,7 @@ top-down step), with the learned upsamplers and interpolation on this library's 
 `neck_state_dict`, which takes the neck's weights out of a detector checkpoint."""
 from __future__ import annotations
 
-import inspect
+import functools
 import os
 import pickle
 from collections.abc import Mapping
@@ -15,29 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .carafe import CARAFE
-from .dysample import DySample
-from .fpn import _ConvModule, check_channels, check_pyramid, xavier_init
-from .functional import check_backend
-from .interpolation import interpolate
+from .fpn import (TopDown, _ConvModule, build_learned, build_resize, check_keys, check_pyramid, xavier_init)
+from .guided import FADE, SAPA, SAPADeform
 from .module import LDAAQU, _positive_int
 
-LAU_TYPES = ("lda_aqu", "carafe", "nearest", "bilinear", "deconv", "pixel_shuffle")
-UPSAMPLE_TYPES = ("nearest", "bilinear", "deconv", "pixelshuffle", "carafe", "dysample")
 XAVIER = dict(type="Xavier", layer="Conv2d", distribution="uniform")  # FPN_UPSAMPLE's init_cfg
-
-
-class Upsample2x(nn.Module):
-    """nn.Upsample(scale_factor=2, mode=mode, align_corners=align_corners) through `interpolate`."""
-
-    def __init__(self, mode: str, align_corners=None, backend: str = "auto"):
-        super().__init__()
-        self.mode, self.align_corners, self.backend = mode, align_corners, backend
-
-    def forward(self, x):
-        return interpolate(x, (2 * x.shape[-2], 2 * x.shape[-1]), self.mode, self.align_corners, self.backend)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, align_corners={self.align_corners}, backend={self.backend!r}"
 
 
 class PixelShufflePack(nn.Module):
@@ -54,28 +36,38 @@ class PixelShufflePack(nn.Module):
         return F.pixel_shuffle(self.upsample_conv(x), self.scale_factor)
 
 
-def _split_cfg(upsample_cfg, types):
-    """(type, the other keys) of an upsample_cfg mapping whose type is one of `types`."""
-    if not isinstance(upsample_cfg, Mapping):
-        raise ValueError(f"upsample_cfg must be a dict, got {upsample_cfg!r}")
-    cfg = dict(upsample_cfg)
-    kind = cfg.pop("type", None)
-    if kind not in types:
-        raise ValueError(f"upsample_cfg type must be one of {types}, got {kind!r}")
-    return kind, cfg
+def _mmcv_layer(kind, cfg, C, backend, arg) -> nn.Module:
+    """mmcv's build_upsample_layer at 2x: "deconv" (padding and output_padding (k-1)//2) and
+    "pixel_shuffle", both of kernel `upsample_kernel`."""
+    k = _positive_int(f"{arg}'s upsample_kernel",
+                      check_keys(arg, kind, cfg, ("upsample_kernel",), ("upsample_kernel",))["upsample_kernel"])
+    if kind == "pixel_shuffle":
+        return PixelShufflePack(C, C, 2, k)
+    if k > 4:  # output_padding (k-1)//2 must stay below the stride
+        raise ValueError(f"{arg}'s upsample_kernel must be at most 4 for 'deconv', got {k}")
+    return nn.ConvTranspose2d(C, C, k, stride=2, padding=(k - 1) // 2, output_padding=(k - 1) // 2)
 
 
-def _keys(kind: str, cfg: dict, allowed, required=()) -> dict:
-    unknown, missing = sorted(set(cfg) - set(allowed)), sorted(set(required) - set(cfg))
-    if unknown or missing:
-        raise ValueError(f"upsample_cfg of type {kind!r} takes {sorted(allowed) or 'no other keys'}"
-                         f"{f', requires {missing}' if missing else ''}; got {sorted(cfg)}")
-    return cfg
+def _torch_layer(kind, cfg, C, backend, arg) -> nn.Module:
+    """detection-with-upsamplers' "deconv" (nn.ConvTranspose2d) and "pixelshuffle" (nn.Sequential(conv to
+    4*C channels, nn.PixelShuffle(2))), their torch arguments defaulting to an exact 2x."""
+    if kind == "deconv":
+        k = dict(dict(kernel_size=3, stride=2, padding=1, output_padding=1),
+                 **check_keys(arg, kind, cfg, ("kernel_size", "stride", "padding", "output_padding")))
+        return nn.ConvTranspose2d(C, C, **k)
+    k = dict(dict(kernel_size=3, padding=1), **check_keys(arg, kind, cfg, ("kernel_size", "padding")))
+    return nn.Sequential(nn.Conv2d(C, 4 * C, **k), nn.PixelShuffle(2))
 
 
-def _options(cls, *fixed) -> list:
-    """A module's keyword arguments, less those the neck sets."""
-    return [n for n in inspect.signature(cls).parameters if n not in fixed]
+# detection-with-upsamplers' build_upsampler: the keys it reads for each guided type (their defaults the modules')
+GUIDED = {"sapa": (SAPA, ("up_kernel_size", "embedding_dim", "qkv_bias", "norm")),
+          "sapadeform": (SAPADeform, ("num_point", "groups", "embedding_dim", "qkv_bias", "high_offset", "norm")),
+          "fade": (FADE, ("up_kernel_size", "gating"))}
+
+
+def _guided(kind, cfg, C, backend, arg) -> nn.Module:
+    cls, keys = GUIDED[kind]
+    return cls(C, scale_factor=2, backend=backend, **check_keys(arg, kind, cfg, keys))
 
 
 def _none_cfgs(**cfgs):
@@ -85,54 +77,7 @@ def _none_cfgs(**cfgs):
             raise ValueError(f"{name} must be None (bare convs, as in the released models), got {cfg!r}")
 
 
-def _levels(num_ins: int, num_outs, start_level, end_level) -> tuple[int, int]:
-    """(num_outs, backbone_end_level) as mmdet's FPN: end_level -1 (or the last index) uses every input
-    from start_level and allows extra levels; another end_level (inclusive) allows none."""
-    num_outs = _positive_int("num_outs", num_outs)
-    if isinstance(start_level, bool) or not isinstance(start_level, int) or not 0 <= start_level < num_ins:
-        raise ValueError(f"start_level must be an int in [0, {num_ins - 1}], got {start_level!r}")
-    if end_level in (-1, num_ins - 1) and not isinstance(end_level, bool):
-        if num_outs < num_ins - start_level:
-            raise ValueError(f"num_outs={num_outs} must be at least len(in_channels) - start_level = "
-                             f"{num_ins - start_level}")
-        return num_outs, num_ins
-    if isinstance(end_level, bool) or not isinstance(end_level, int) or not start_level <= end_level < num_ins:
-        raise ValueError(f"end_level must be -1 or an int in [start_level, {num_ins - 1}], got {end_level!r}")
-    if num_outs != end_level - start_level + 1:
-        raise ValueError(f"num_outs={num_outs} must be end_level - start_level + 1 = {end_level - start_level + 1} "
-                         f"(no extra levels unless end_level is -1)")
-    return num_outs, end_level + 1
-
-
-class _Pyramid(nn.Module):
-    """What both necks share: the pyramid's arguments as mmdet checks them, and the top-down sum."""
-
-    def __init__(self, in_channels, out_channels, num_outs, start_level, end_level, backend):
-        super().__init__()
-        self.in_channels, self.out_channels = check_channels(in_channels, out_channels)
-        self.num_outs, self.backbone_end_level = _levels(len(self.in_channels), num_outs, start_level, end_level)
-        self.start_level, self.end_level, self.backend = start_level, end_level, check_backend(backend)
-
-    def _top_down(self, laterals: list, crop: bool) -> list:
-        """laterals[i-1] += upsample_modules[i-1](laterals[i]) from the top, cropped to the lateral (FPN_LAU's
-        slice_as) or exactly its size (FPN_UPSAMPLE)."""
-        for i in range(len(laterals) - 1, 0, -1):
-            up, (h, w) = self.upsample_modules[i - 1](laterals[i]), laterals[i - 1].shape[-2:]
-            if up.shape[-2:] != (h, w) and not (crop and up.shape[-2] >= h and up.shape[-1] >= w):
-                rule = "crops the upsampled map, never pads it" if crop else "adds the upsampled map as it is"
-                raise ValueError(f"level {i} upsampled to {tuple(up.shape[-2:])}, level {i - 1} is {(h, w)}: "
-                                 f"{type(self).__name__} {rule}, as the official; pad the image to a multiple "
-                                 f"of the largest stride")
-            laterals[i - 1] = laterals[i - 1] + up[..., :h, :w]
-        return laterals
-
-    def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, num_outs={self.num_outs}, "
-                f"start_level={self.start_level}, end_level={self.end_level}, upsample={self.upsample!r}, "
-                f"backend={self.backend!r}")
-
-
-class FPN_LAU(_Pyramid):
+class FPN_LAU(TopDown):
     """duzw9311/LDA-AQU's FPN_LAU (mmdet's FPN_CARAFE with an `lda_aqu` upsampler type): lateral 1x1 convs
     of inputs[start_level:backbone_end_level], then each extra level's lateral a 3x3 stride-2 conv (of the
     last used input, then of the previous extra lateral); a top-down path over all of them that upsamples
@@ -149,44 +94,29 @@ class FPN_LAU(_Pyramid):
     `backend` picks the op's backend for the upsamplers that run on it.
     """
 
+    size_rule = "crop"
+    builders = {"lda_aqu": build_learned, "carafe": build_learned,
+                "nearest": functools.partial(build_resize, align_corners=False),
+                "bilinear": functools.partial(build_resize, align_corners=False),
+                "deconv": _mmcv_layer, "pixel_shuffle": _mmcv_layer}
+
     def __init__(self, in_channels, out_channels: int, num_outs: int, start_level: int = 0, end_level: int = -1,
                  norm_cfg=None, act_cfg=None, order=("conv", "norm", "act"), upsample_cfg=None, init_cfg=None,
                  backend: str = "auto"):
-        super().__init__(in_channels, out_channels, num_outs, start_level, end_level, backend)
+        if upsample_cfg is None:  # the official default
+            upsample_cfg = dict(type="carafe", up_kernel=5, up_group=1, encoder_kernel=3, encoder_dilation=1)
+        super().__init__(in_channels, out_channels, num_outs, start_level, end_level, backend, upsample_cfg)
         _none_cfgs(norm_cfg=norm_cfg, act_cfg=act_cfg, init_cfg=init_cfg)
         if not isinstance(order, (tuple, list)) or tuple(order) not in (("conv", "norm", "act"),
                                                                          ("act", "conv", "norm")):
             raise ValueError(f"order must be ('conv', 'norm', 'act') or ('act', 'conv', 'norm'), got {order!r}")
-        if upsample_cfg is None:  # the official default
-            upsample_cfg = dict(type="carafe", up_kernel=5, up_group=1, encoder_kernel=3, encoder_dilation=1)
-        self.upsample, cfg = _split_cfg(upsample_cfg, LAU_TYPES)
-        self._make_upsampler(cfg)  # checks cfg before the convs are built
         C, n_extra = self.out_channels, self.num_outs - (self.backbone_end_level - self.start_level)
         used = self.in_channels[self.start_level:self.backbone_end_level]
         self.lateral_convs = nn.ModuleList([_ConvModule(c, C, 1) for c in used] +
                                            [_ConvModule(used[-1] if i == 0 else C, C, 3, 2) for i in range(n_extra)])
         self.fpn_convs = nn.ModuleList(_ConvModule(C, C, 3) for _ in range(self.num_outs))
-        self.upsample_modules = nn.ModuleList(self._make_upsampler(cfg) for _ in range(self.num_outs - 1))
+        self.upsample_modules = nn.ModuleList(self.make_upsampler() for _ in range(self.num_outs - 1))
         self.init_weights()
-
-    def _make_upsampler(self, cfg: dict) -> nn.Module:
-        kind, C, backend = self.upsample, self.out_channels, self.backend
-        if kind == "lda_aqu":
-            return LDAAQU(C, scale_factor=2, backend=backend, **_keys(kind, cfg, _options(LDAAQU, "in_channels",
-                                                                                        "scale_factor", "backend")))
-        if kind == "carafe":
-            return CARAFE(C, 2, backend=backend, **_keys(kind, cfg, _options(CARAFE, "channels", "scale_factor",
-                                                                            "backend")))
-        if kind in ("nearest", "bilinear"):
-            _keys(kind, cfg, ())
-            return Upsample2x(kind, None if kind == "nearest" else False, backend)
-        k = _positive_int("upsample_cfg's upsample_kernel", _keys(kind, cfg, ("upsample_kernel",),
-                                                                  ("upsample_kernel",))["upsample_kernel"])
-        if kind == "pixel_shuffle":
-            return PixelShufflePack(C, C, 2, k)
-        if k > 4:  # output_padding (k-1)//2 must stay below the stride
-            raise ValueError(f"upsample_cfg's upsample_kernel must be at most 4 for 'deconv', got {k}")
-        return nn.ConvTranspose2d(C, C, k, stride=2, padding=(k - 1) // 2, output_padding=(k - 1) // 2)
 
     def init_weights(self):
         xavier_init(self.modules(), (nn.Conv2d, nn.ConvTranspose2d))
@@ -200,10 +130,10 @@ class FPN_LAU(_Pyramid):
         for i, conv in enumerate(self.lateral_convs):
             laterals.append(conv(inputs[self.start_level + i] if i < n else
                                  inputs[self.backbone_end_level - 1] if i == n else laterals[-1]))
-        return tuple(conv(x) for conv, x in zip(self.fpn_convs, self._top_down(laterals, crop=True)))
+        return tuple(conv(x) for conv, x in zip(self.fpn_convs, self.top_down(laterals)))
 
 
-class FPN_UPSAMPLE(_Pyramid):
+class FPN_UPSAMPLE(TopDown):
     """tiny-smart/detection-with-upsamplers' FPN_UPSAMPLE: mmdet's FPN (lateral 1x1 convs, top-down sums,
     3x3 output convs; extra levels by max-pooling the last output, or with add_extra_convs by 3x3 stride-2
     convs of the last input ("on_input", True), lateral ("on_lateral") or output ("on_output"), ReLU
@@ -211,21 +141,39 @@ class FPN_UPSAMPLE(_Pyramid):
     `upsample_modules[i-1]`, exactly 2x: every level must be twice the size of the one above (images
     padded to a multiple of the largest stride, as the official pipelines do).
 
-    upsample_cfg type (`guided` must be False): "nearest", "bilinear" (align_corners, default False),
+    upsample_cfg type, with `guided` False (or absent): "nearest", "bilinear" (align_corners, default False),
     "deconv" (nn.ConvTranspose2d: kernel_size 3, stride 2, padding 1, output_padding 1 by default),
     "pixelshuffle" (nn.Sequential(conv to 4*C channels: kernel_size 3, padding 1; nn.PixelShuffle(2))),
     "carafe" (CARAFEPack's arguments) and "dysample" (style "lp", groups 4, dyscope False; its `scope`
-    conv with a bias, as in that repository). As there, an upsampler is also built for each extra conv
+    conv with a bias, as in that repository); with `guided` True: "sapa" (up_kernel_size 5, embedding_dim 32,
+    qkv_bias, norm), "sapadeform" (num_point 9, groups 4, embedding_dim 32, qkv_bias, high_offset, norm
+    False) and "fade" (up_kernel_size 5, gating False), each step then
+    `laterals[i-1] + upsample_modules[i-1](laterals[i-1], laterals[i])`, guided by the level's own lateral
+    before it receives the sum. As there, an upsampler is also built for each extra conv
     level (unused, but in the checkpoints). Keys are the official; `init_weights` (run at
     construction) does what the official init_cfg does under mmengine: xavier-uniform with zero bias on
     every nn.Conv2d of the neck, the upsamplers' included, deconvs left at PyTorch's default.
     """
 
+    size_rule = "2x"
+    builders = {"nearest": build_resize, "bilinear": build_resize, "deconv": _torch_layer,
+                "pixelshuffle": _torch_layer, "carafe": build_learned,
+                "dysample": functools.partial(build_learned, scope_bias=True), **dict.fromkeys(GUIDED, _guided)}
+
     def __init__(self, in_channels, out_channels: int, num_outs: int, start_level: int = 0, end_level: int = -1,
                  add_extra_convs=False, relu_before_extra_convs: bool = False, no_norm_on_lateral: bool = False,
                  conv_cfg=None, norm_cfg=None, act_cfg=None, upsample_cfg=None, init_cfg=XAVIER,
                  backend: str = "auto"):
-        super().__init__(in_channels, out_channels, num_outs, start_level, end_level, backend)
+        upsample_cfg = dict(type="nearest") if upsample_cfg is None else upsample_cfg
+        guided = False
+        if isinstance(upsample_cfg, Mapping):
+            upsample_cfg = dict(upsample_cfg)
+            guided, want = upsample_cfg.pop("guided", False), upsample_cfg.get("type") in GUIDED
+            if guided is not want:
+                raise ValueError(f"upsample_cfg guided must be {want} for type {upsample_cfg.get('type')!r} "
+                                 f"(True for {tuple(GUIDED)}, False or absent for the others), got {guided!r}")
+        super().__init__(in_channels, out_channels, num_outs, start_level, end_level, backend, upsample_cfg)
+        self.guided = guided
         _none_cfgs(conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
         if init_cfg != XAVIER:
             raise ValueError(f"init_cfg must be the official {XAVIER}, got {init_cfg!r}")
@@ -239,14 +187,9 @@ class FPN_UPSAMPLE(_Pyramid):
             raise ValueError(f"add_extra_convs must be a bool or 'on_input', 'on_lateral', 'on_output', "
                              f"got {add_extra_convs!r}")
         self.add_extra_convs, self.relu_before_extra_convs = add_extra_convs, relu_before_extra_convs
-        self.upsample, cfg = _split_cfg(dict(type="nearest") if upsample_cfg is None else upsample_cfg,
-                                        UPSAMPLE_TYPES)
-        if cfg.pop("guided", False) is not False:
-            raise ValueError("upsample_cfg guided must be False: the guided upsamplers (FADE, SAPA) are not here")
-        self._make_upsampler(cfg)
         C, n = self.out_channels, self.backbone_end_level - self.start_level
         n_extra = self.num_outs - n if add_extra_convs else 0
-        self.upsample_modules = nn.ModuleList(self._make_upsampler(cfg) for _ in range(n - 1 + n_extra))
+        self.upsample_modules = nn.ModuleList(self.make_upsampler() for _ in range(n - 1 + n_extra))
         self.lateral_convs = nn.ModuleList(_ConvModule(c, C, 1) for c in
                                            self.in_channels[self.start_level:self.backbone_end_level])
         c_extra = self.in_channels[self.backbone_end_level - 1] if add_extra_convs == "on_input" else C
@@ -254,33 +197,13 @@ class FPN_UPSAMPLE(_Pyramid):
                                        [_ConvModule(c_extra if i == 0 else C, C, 3, 2) for i in range(n_extra)])
         self.init_weights()
 
-    def _make_upsampler(self, cfg: dict) -> nn.Module:
-        kind, C, backend = self.upsample, self.out_channels, self.backend
-        if kind == "nearest":
-            _keys(kind, cfg, ())
-            return Upsample2x("nearest", None, backend)
-        if kind == "bilinear":
-            return Upsample2x("bilinear", _keys(kind, cfg, ("align_corners",)).get("align_corners", False), backend)
-        if kind == "deconv":
-            k = dict(dict(kernel_size=3, stride=2, padding=1, output_padding=1),
-                     **_keys(kind, cfg, ("kernel_size", "stride", "padding", "output_padding")))
-            return nn.ConvTranspose2d(C, C, **k)
-        if kind == "pixelshuffle":
-            k = dict(dict(kernel_size=3, padding=1), **_keys(kind, cfg, ("kernel_size", "padding")))
-            return nn.Sequential(nn.Conv2d(C, 4 * C, **k), nn.PixelShuffle(2))
-        if kind == "carafe":
-            return CARAFE(C, 2, backend=backend, **_keys(kind, cfg, _options(CARAFE, "channels", "scale_factor",
-                                                                            "backend")))
-        cfg = dict(dict(style="lp", groups=4, dyscope=False), **_keys(kind, cfg, ("style", "groups", "dyscope")))
-        return DySample(C, scale_factor=2, scope_bias=cfg["dyscope"] is True, backend=backend, **cfg)
-
     def init_weights(self):
         xavier_init(self.modules(), nn.Conv2d)
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
         check_pyramid(inputs, self.in_channels, self.lateral_convs[0].conv.weight)
         laterals = [conv(inputs[self.start_level + i]) for i, conv in enumerate(self.lateral_convs)]
-        laterals = self._top_down(laterals, crop=False)
+        laterals = self.top_down(laterals)
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
         if self.add_extra_convs and self.num_outs > len(outs):
             source = {"on_input": inputs[self.backbone_end_level - 1], "on_lateral": laterals[-1],
@@ -289,9 +212,7 @@ class FPN_UPSAMPLE(_Pyramid):
             while len(outs) < self.num_outs:
                 x = F.relu(outs[-1]) if self.relu_before_extra_convs else outs[-1]
                 outs.append(self.fpn_convs[len(outs)](x))
-        while len(outs) < self.num_outs:
-            outs.append(F.max_pool2d(outs[-1], 1, stride=2))
-        return tuple(outs)
+        return self.max_pool_levels(outs)
 
 
 def neck_state_dict(checkpoint, prefix: str = "neck.", weights_only: bool = True) -> dict:

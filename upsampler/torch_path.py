@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels.layout import acc_dtype as _acc, neighbours as _neighbours, segments as _segments
+
 from .naive import base_grid, output_grid
 
 Tensor = torch.Tensor
@@ -30,28 +32,6 @@ Tensor = torch.Tensor
 
 def is_exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-
-
-def _segments(n_ch: int, G: int, nh: int) -> list[tuple[int, int, int, int]]:
-    """(g, h, c0, c1): the runs of n_ch channels that lie in one offset group and one head."""
-    gs, hs = n_ch // G, n_ch // nh
-    cuts = sorted(set(range(0, n_ch + 1, gs)) | set(range(0, n_ch + 1, hs)))
-    return [(c0 // gs, c0 // hs, c0, c1) for c0, c1 in zip(cuts, cuts[1:])]
-
-
-def _neighbours(offset, rpb, logits, weights, kernel_size, G) -> int:
-    for t in (logits, weights):
-        if t is not None:
-            return t.shape[2]
-    if rpb is not None:
-        return rpb.shape[1]
-    if offset is not None:
-        return offset.shape[1] // (2 * G)
-    return kernel_size * kernel_size if kernel_size else 1
-
-
-def _acc(dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 PAD = 2  # zero border of the tables: a corner of any clipped cell [-2, H] x [-2, W] reads a real row
