@@ -21,6 +21,12 @@ def _bool(name: str, value) -> bool:
     return value
 
 
+def _channels(names, guide, x) -> tuple[int, int]:
+    """The guide's and x's channel counts, x's defaulting to the guide's (the originals' None)."""
+    guide = _positive_int(names[0], guide)
+    return guide, guide if x is None else _positive_int(names[1], x)
+
+
 def _check_pair(guide, x, names, channels, scale: int, weight: torch.Tensor):
     """The guide and the map to upsample, each as a module input, the guide exactly scale times x in
     space."""
@@ -49,9 +55,7 @@ class _SAPABase(nn.Module):
 
     def __init__(self, dim_y, dim_x, scale_factor, embedding_dim, heads, qkv_bias, norm, norm_groups, backend):
         super().__init__()
-        dim_y = _positive_int("dim_y", dim_y)
-        dim_x = dim_y if dim_x is None else _positive_int("dim_x", dim_x)
-        self.dim_y, self.dim_x = dim_y, dim_x
+        self.dim_y, self.dim_x = dim_y, dim_x = _channels(("dim_y", "dim_x"), dim_y, dim_x)
         self.scale_factor = _positive_int("scale_factor", scale_factor)
         self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
         self.norm, self.backend = _bool("norm", norm), check_backend(backend)
@@ -192,9 +196,8 @@ class FADE(nn.Module):
     def __init__(self, in_channels_en: int, in_channels_de=None, scale_factor: int = 2, up_kernel_size: int = 5,
                  gating: bool = False, backend: str = "auto", *, embedding_dim: int = 64):
         super().__init__()
-        c_en = _positive_int("in_channels_en", in_channels_en)
-        c_de = c_en if in_channels_de is None else _positive_int("in_channels_de", in_channels_de)
-        self.in_channels_en, self.in_channels_de = c_en, c_de
+        self.in_channels_en, self.in_channels_de = c_en, c_de = _channels(("in_channels_en", "in_channels_de"),
+                                                                          in_channels_en, in_channels_de)
         self.scale_factor = _positive_int("scale_factor", scale_factor)
         self.up_kernel_size = _odd_int("up_kernel_size", up_kernel_size)
         self.gating, self.backend = _bool("gating", gating), check_backend(backend)
