@@ -1,12 +1,14 @@
-"""Throughput of LDA-AQU against kernel size and scale, and of CARAFE and DySample beside their plain
-PyTorch forms, forward and forward+backward:
+"""Throughput of LDA-AQU against kernel size and scale, and of CARAFE, DySample, SAPA, SAPADeform and FADE
+beside their plain PyTorch forms, forward and forward+backward:
 
     python bench.py [--quick] [--out DIR] [--shape B C H W [--shape ...]] [--kernel-sizes ..] [--scales ..]
-                    [--cases module carafe dysample] [--threads N] [--list]
+                    [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--list]
 
 On a CPU: the LDAAQU module (the torch path) against the official-style module (same weights) at every
 k_u x scale x shape, CARAFE (each odd up_kernel among the kernel sizes, integer scales) against the
-unfold form and DySample (the integer scales) against grid_sample at --upsampler-shape; compared
+unfold form, DySample (the integer scales) against grid_sample, and the guided upsamplers (guide s times
+the map, integer scales: SAPA and gated FADE with each odd window against unfold, SAPADeform with k_u**2
+points against grid_sample, as their original projects' pure-PyTorch forms) at --upsampler-shape; compared
 implementations interleaved after one warm-up, min, median and max of at least 3 runs, the 1-minute
 load average before and after each case; what autograd keeps for the backward (traced on fake
 tensors, so no memory is spent on it), also at narrow maps and for the Triton backend; the FLOPs of
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import functools
 import math
 import os
 import time
@@ -43,14 +46,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 import bench_plots  # noqa: E402
 from autotune.device import device_slug  # noqa: E402
 from kernels.layout import DTYPES as ALL_DTYPES  # noqa: E402
-from upsampler import CARAFE, LDAAQU, DySample, deformable_local_attention  # noqa: E402
+from upsampler import CARAFE, FADE, LDAAQU, SAPA, DySample, SAPADeform, deformable_local_attention  # noqa: E402
 from upsampler.flops import count_flops  # noqa: E402
 from upsampler.naive import deformable_local_attention_ref  # noqa: E402
 from upsampler.official import official_forward  # noqa: E402
-from upsampler.plain import carafe_forward, dysample_forward  # noqa: E402
+from upsampler.plain import (carafe_forward, dysample_forward, fade_forward, sapa_forward,  # noqa: E402
+                             sapadeform_forward)
 
 DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}
 BASELINES = bench_plots.BASELINES
+GUIDED = ("sapa", "sapadeform", "fade")
 FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "case", "backend", "direction", "dtype", "k_u",
           "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s", "gb_per_s", "floor_bytes",
           "saved_for_backward_bytes", "peak_cuda_bytes", "gflops", "matmul_gflops_per_s", "limit_ms",
@@ -180,6 +185,33 @@ def dysample_build(shape, s):
     return build
 
 
+def guided_build(case, shape, k, s):
+    """SAPA (k x k window), SAPADeform (k*k points, 4 groups) or FADE (k x k window, gated) on the map and a
+    guide s times it, against the plain forward (unfold or grid_sample) with the same weights."""
+    B, C, H, W = shape
+
+    def build(dtype=torch.float32, grad=False, mode=None):
+        dev = "cuda" if GPU else "cpu"
+        torch.manual_seed(0)
+        if case == "sapa":
+            m = SAPA(C, scale_factor=s, up_kernel_size=k, norm_groups=8)
+            plain = functools.partial(sapa_forward, scale_factor=s, up_kernel_size=k, norm_groups=8)
+        elif case == "sapadeform":
+            m = SAPADeform(C, scale_factor=s, num_point=k * k)
+            plain = functools.partial(sapadeform_forward, scale_factor=s, num_point=k * k)
+        else:
+            m = FADE(C, scale_factor=s, up_kernel_size=k, gating=True)
+            plain = functools.partial(fade_forward, scale_factor=s, up_kernel_size=k)
+        with torch.no_grad():  # trained-like weights: uneven softmaxes, offsets of a pixel or so
+            for p in m.parameters():
+                p.normal_(0, 0.3 if p.dim() == 1 else p[0].numel() ** -0.5)
+        m = m.to(dev, dtype)
+        y, x = _input((B, C, s * H, s * W), dtype, grad, mode), _input(shape, dtype, grad, mode)
+        sd = m.state_dict(keep_vars=True)
+        return {type(m).__name__: lambda: m(y, x), BASELINES[case]: lambda: plain(sd, y, x)}, x
+    return build
+
+
 def comparisons(cases, shapes, kernel_sizes, scales, up_shape):
     out = []
     for shape in shapes if "module" in cases else []:
@@ -189,6 +221,8 @@ def comparisons(cases, shapes, kernel_sizes, scales, up_shape):
         out += [("carafe", k, s, up_shape, carafe_build(up_shape, k, s)) for k in kernel_sizes for s in int_scales]
     if "dysample" in cases:
         out += [("dysample", 1, s, up_shape, dysample_build(up_shape, s)) for s in int_scales]
+    out += [(case, k, s, up_shape, guided_build(case, up_shape, k, int(s))) for case in GUIDED if case in cases
+            for k in kernel_sizes for s in int_scales]
     return out
 
 
@@ -517,7 +551,7 @@ def parse(argv=None):
     ap.add_argument("--memory-channels", type=int, nargs="*", metavar="C",
                     help="channel counts of the memory-only rows at the first map's size (default: 48 64 and the "
                          "maps' C; --quick: the maps' C)")
-    cpu_cases = ["module", "carafe", "dysample"]
+    cpu_cases = ["module", "carafe", "dysample", *GUIDED]
     ap.add_argument("--cases", nargs="+", choices=["op"] + cpu_cases, default=None,
                     help="which comparisons (default: all; op, the Triton kernels, needs a GPU)")
     ap.add_argument("--list", action="store_true", help="print the cases that will run here, and exit")
@@ -555,9 +589,9 @@ def parse(argv=None):
         args.memory_channels = [] if GPU else sorted({s[1] for s in args.shapes} | (set() if args.quick else {48, 64}))
     if "module" not in args.cases:
         args.memory_channels = []
-    if not any(s == int(s) for s in args.scales) and ({"carafe", "dysample"} & set(args.cases)) \
+    if not any(s == int(s) for s in args.scales) and ({"carafe", "dysample", *GUIDED} & set(args.cases)) \
             and "module" not in args.cases:
-        ap.error(f"--scales {args.scales}: CARAFE and DySample take integer scales only")
+        ap.error(f"--scales {args.scales}: CARAFE, DySample and the guided upsamplers take integer scales only")
     args.dtypes = args.dtype or (["fp32", "bf16"] if GPU else ["fp32"])
     return args
 
@@ -570,7 +604,7 @@ def main(argv=None):
     if GPU and "op" in args.cases:
         comps = list(op_cases(args.shapes, args.kernel_sizes, args.scales)) + comps
     dropped = sorted({s for s in args.scales if s != int(s)})
-    if dropped and {"carafe", "dysample"} & set(args.cases):
+    if dropped and {"carafe", "dysample", *GUIDED} & set(args.cases):
         print(f"note: CARAFE and DySample take integer scales; {dropped} run for LDAAQU only")
     if args.list:
         for case, k_u, s, shape, build in comps:

@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # the baseline each case is compared against
 BASELINES = {"op": "eager", "module": "official-style", "carafe": "unfold", "dysample": "grid_sample",
-             "memory": "official-style"}
+             "sapa": "unfold", "sapadeform": "grid_sample", "fade": "unfold", "memory": "official-style"}
+WINDOWED = ("carafe", "sapa", "sapadeform", "fade")  # the cases with a kernel size (CARAFE's plots)
 NUMERIC = ("k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "mpix_per_s", "gb_per_s",
            "saved_for_backward_bytes", "load_before", "load_after", "cores", "threads", "gflops", "limit_fraction")
 MEMORY_TARGET = 0.2  # kept for backward: at most 1/5 of the official-style module's
@@ -111,7 +112,7 @@ def _figure(panels, n_cols, w=6.4, h=4.2):
 
 def throughput(rows, out, x_key):
     """Output Mpx/s against k_u (one line per scale) or scale (one line per k_u)."""
-    sel = _ok(rows, "op", "module", "carafe", "dysample")
+    sel = _ok(rows, "op", "module", "dysample", *WINDOWED)
     # DySample's one sample per pixel has no kernel size to draw against
     panels = [p for p in _panels(sel) if x_key == "scale" or p[0] != "dysample"]
     return _per_direction(rows, out, sel, panels, x_key, "mpix_per_s", "output Mpx/s (log)",
@@ -162,7 +163,7 @@ def _grid(cells, ks, ss):
 def speedup(rows, out):
     """Speed-up over the baseline (its ms over ours) per k_u x scale cell; refused or failed baseline
     points say so in their cell."""
-    sel = _ok(rows, "op", "module", "carafe")
+    sel = _ok(rows, "op", "module", *WINDOWED)
     panels = []
     for panel in _panels(sel):
         ours = sorted({r["backend"] for r in sel if panel_of(r) == panel} - {BASELINES[panel[0]]})
@@ -190,7 +191,7 @@ def speedup(rows, out):
 
 def memory(rows, out):
     """MiB kept for backward by the timed points, against k_u and against scale."""
-    sel = [r for r in _ok(rows, "op", "module", "carafe") if r["direction"] == "fwd+bwd"
+    sel = [r for r in _ok(rows, "op", "module", *WINDOWED) if r["direction"] == "fwd+bwd"
            and r.get("saved_for_backward_bytes", "") != ""]
     panels = _panels(sel)
     if not panels:

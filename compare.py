@@ -13,7 +13,8 @@ validated on the whole bottom half; classes background, interior, boundary (the 
 objects the connected components of the predicted interior.
 
 The model: a conv encoder (a full-resolution stem, then stride-2 stages down to 1/8), `upsampler.FPN` over all
-four levels with the upsampler under test on every top-down step (the last lands on full resolution), and BN,
+four levels with the upsampler under test on every top-down step (the last lands on full resolution; the guided
+ones, SAPA and FADE, guided by the encoder's lateral at the level they land on), and BN,
 ReLU and a 1x1 classifier on its finest output. Cross-entropy with ENet class weights, AdamW, linear warm-up then
 cosine decay. Every run uses the same data, optimiser, schedule, steps and, for a given seed, the same batches and
 initial weights of everything but the upsamplers. Writes compare.csv (rows keyed by device), compare.png and
@@ -47,7 +48,12 @@ from upsampler.fpn import UPSAMPLERS
 # each paper's defaults; widths tied to 256-channel necks scaled to ours (CARAFE compresses C/4 as mmdet's 256 -> 64)
 UPSAMPLER_CFG = {"carafe": lambda c: dict(up_kernel=5, encoder_kernel=3, compressed_channels=c // 4),
                  "dysample": lambda c: dict(style="lp", groups=4),
-                 "lda_aqu": lambda c: dict(reduction_factor=4, k_u=3, n_groups=2)}
+                 "lda_aqu": lambda c: dict(reduction_factor=4, k_u=3, n_groups=2),
+                 # SAPA's 32-wide embedding and FADE's 64-wide compressors at 256 channels: C/4 here, as CARAFE's
+                 # compressor and LDA-AQU's queries; SAPA's GroupNorms keep 8 channels a group; FADE's paper model
+                 # gates (the detection configs' builder defaults to no gate)
+                 "sapa": lambda c: dict(embedding_dim=c // 4, norm_groups=c // 8),
+                 "fade": lambda c: dict(gating=True, embedding_dim=c // 4)}
 METRIC_NAMES = {"miou": "val mIoU", "boundary_f": "boundary F", "object_f1": "object F1 (IoU 0.5)"}
 
 

@@ -58,6 +58,10 @@ def test_flags_are_honoured_and_list_is_what_runs(capsys):
         "carafe CARAFE 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd", "carafe unfold 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd",
         "dysample DySample 1x16x6x8 k_u=1 s=2 fp32 fwd fwd+bwd",
         "dysample grid_sample 1x16x6x8 k_u=1 s=2 fp32 fwd fwd+bwd",
+        "sapa SAPA 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd", "sapa unfold 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd",
+        "sapadeform SAPADeform 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd",
+        "sapadeform grid_sample 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd",
+        "fade FADE 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd", "fade unfold 1x16x6x8 k_u=3 s=2 fp32 fwd fwd+bwd",
         "memory LDAAQU/torch LDAAQU/triton official-style 1x16x6x8 k_u=3 s=2 1.5 (kept for backward, traced)"])
 
 

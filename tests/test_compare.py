@@ -165,3 +165,16 @@ def test_nuclei_quick_run(tmp_path):
     table = (tmp_path / "TABLE.md").read_text()
     assert "task nuclei" in table and "object F1" in table and "| lda_aqu |" in table
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("task", ["outlines", "nuclei"])
+def test_guided_upsamplers_train_in_the_comparison(task):
+    """SAPA and FADE in compare.py's model, guided by the encoder's laterals: a few steps of each task's quick
+    settings train and evaluate, their parameters counted as upsamplers'."""
+    small = ["--train", "8", "--val", "4"] if task == "outlines" else []
+    args = compare.parse_args(["--task", task, "--quick", "--upsamplers", "sapa", "fade", "--steps", "3", *small])
+    data = compare.TASKS[task](args)
+    for name in args.upsamplers:
+        r = compare.train_one(name, 0, data, args, torch.device("cpu"))
+        assert r["upsampler"] == name and 0 < r["upsampler_params"] < r["params"]
+        assert all(0 <= r[m] <= 1 for m in data.metrics) and all(math.isfinite(x) for x in r["losses"])

@@ -5,7 +5,7 @@ import torch
 
 from helpers import fresh_seed, make_problem, seeded_randn
 from upsampler import (CARAFE, FPN, LDAAQU, DySample, deformable_local_attention, interpolate, local_upsample)
-from upsampler.fpn import UPSAMPLERS
+from upsampler.fpn import GUIDED, UPSAMPLERS
 from upsampler.naive import positions
 
 BACKENDS = ("reference", "torch", "triton")
@@ -40,7 +40,7 @@ def test_empty_batch_gives_empty_output_and_gradients(name, backend):
             assert p.grad is not None and not p.grad.any(), n
 
 
-@pytest.mark.parametrize("upsampler", UPSAMPLERS)
+@pytest.mark.parametrize("upsampler", [u for u in UPSAMPLERS if u not in GUIDED])  # odd sizes
 def test_empty_batch_through_fpn(upsampler):
     fpn = FPN([8, 16], 8, upsampler=upsampler)
     xs = [torch.randn(0, 8, 9, 11, requires_grad=True), torch.randn(0, 16, 5, 6, requires_grad=True)]

@@ -15,10 +15,13 @@ from .carafe import CARAFE
 from .dysample import DySample
 from .functional import check_backend, not_scriptable
 from .interpolation import interpolate
+from .guided import FADE, SAPA
 from .module import LDAAQU, _check_input, _positive_int
 
 # the learned upsamplers: class and the name of its scale argument
-LEARNED = {"carafe": (CARAFE, "scale_factor"), "dysample": (DySample, "scale"), "lda_aqu": (LDAAQU, "scale_factor")}
+LEARNED = {"carafe": (CARAFE, "scale_factor"), "dysample": (DySample, "scale"), "lda_aqu": (LDAAQU, "scale_factor"),
+           "sapa": (SAPA, "scale_factor"), "fade": (FADE, "scale_factor")}
+GUIDED = ("sapa", "fade")  # called as up(guide, x)
 UPSAMPLERS = ("nearest", "bilinear", *LEARNED)  # FPN's choices
 SIZE_RULES = ("exact", "crop", "2x")
 
@@ -197,9 +200,11 @@ class FPN(TopDown):
     max-pooling (1x1, stride 2) the last output, as mmdet's FPN (same state-dict keys for the convs).
 
     upsampler: "nearest" or "bilinear" (`interpolate`; upsampler_cfg may hold `align_corners` for
-    bilinear, and `backend`), or "carafe", "dysample", "lda_aqu" (one module per top-down step, built with
-    `out_channels`, scale 2 and upsampler_cfg as keyword arguments). Inputs [B, in_channels[i], H_i, W_i],
-    finest first, any sizes; returns a tuple of num_outs maps [B, out_channels, H_i, W_i].
+    bilinear, and `backend`), or "carafe", "dysample", "lda_aqu", "sapa", "fade" (one module per top-down
+    step, built with `out_channels`, scale 2 and upsampler_cfg as keyword arguments). Inputs
+    [B, in_channels[i], H_i, W_i], finest first, any sizes; returns a tuple of num_outs maps
+    [B, out_channels, H_i, W_i]. The guided upsamplers (SAPA, FADE) take the level below's lateral as their
+    guide and need every level exactly twice the size of the one above.
     """
 
     builders = {"nearest": build_resize, "bilinear": build_resize,
@@ -218,6 +223,8 @@ class FPN(TopDown):
         super().__init__(in_channels, out_channels, n if num_outs is None else num_outs, 0, -1, backend,
                          dict(cfg, type=upsampler))
         self.upsampler = upsampler
+        if upsampler in GUIDED:
+            self.guided, self.size_rule = True, "2x"
         C = self.out_channels
         self.lateral_convs = nn.ModuleList(_ConvModule(c, C, 1) for c in self.in_channels)
         self.fpn_convs = nn.ModuleList(_ConvModule(C, C, 3) for _ in self.in_channels)

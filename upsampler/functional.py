@@ -212,6 +212,11 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
                                  f"{C} value channels" + (f" and {D} key channels" if q is not None else ""))
         elif num_groups is None and n == 2:
             G = 1
+        elif num_groups is not None:  # no window to fix K: any count of points (SAPADeform's), G given
+            G = num_groups
+            if n % (2 * G) or D % G or C % G:
+                raise ValueError(f"offset has {n} channels: not num_groups*2*K for num_groups={G} dividing the "
+                                 f"{C} value channels" + (f" and {D} key channels" if q is not None else ""))
         else:
             G = _infer_groups(n, D, C, num_groups)
         K = n // (2 * G)

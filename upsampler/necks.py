@@ -16,6 +16,7 @@ from torch import nn
 
 from .carafe import CARAFE
 from .fpn import (TopDown, _ConvModule, build_learned, build_resize, check_keys, check_pyramid, xavier_init)
+from .guided import FADE, SAPA, SAPADeform
 from .module import LDAAQU, _positive_int
 
 XAVIER = dict(type="Xavier", layer="Conv2d", distribution="uniform")  # FPN_UPSAMPLE's init_cfg
@@ -56,6 +57,17 @@ def _torch_layer(kind, cfg, C, backend, arg) -> nn.Module:
         return nn.ConvTranspose2d(C, C, **k)
     k = dict(dict(kernel_size=3, padding=1), **check_keys(arg, kind, cfg, ("kernel_size", "padding")))
     return nn.Sequential(nn.Conv2d(C, 4 * C, **k), nn.PixelShuffle(2))
+
+
+# detection-with-upsamplers' build_upsampler: the keys it reads for each guided type (their defaults the modules')
+GUIDED = {"sapa": (SAPA, ("up_kernel_size", "embedding_dim", "qkv_bias", "norm")),
+          "sapadeform": (SAPADeform, ("num_point", "groups", "embedding_dim", "qkv_bias", "high_offset", "norm")),
+          "fade": (FADE, ("up_kernel_size", "gating"))}
+
+
+def _guided(kind, cfg, C, backend, arg) -> nn.Module:
+    cls, keys = GUIDED[kind]
+    return cls(C, scale_factor=2, backend=backend, **check_keys(arg, kind, cfg, keys))
 
 
 def _none_cfgs(**cfgs):
@@ -129,11 +141,15 @@ class FPN_UPSAMPLE(TopDown):
     `upsample_modules[i-1]`, exactly 2x: every level must be twice the size of the one above (images
     padded to a multiple of the largest stride, as the official pipelines do).
 
-    upsample_cfg type (`guided` must be False): "nearest", "bilinear" (align_corners, default False),
+    upsample_cfg type, with `guided` False (or absent): "nearest", "bilinear" (align_corners, default False),
     "deconv" (nn.ConvTranspose2d: kernel_size 3, stride 2, padding 1, output_padding 1 by default),
     "pixelshuffle" (nn.Sequential(conv to 4*C channels: kernel_size 3, padding 1; nn.PixelShuffle(2))),
     "carafe" (CARAFEPack's arguments) and "dysample" (style "lp", groups 4, dyscope False; its `scope`
-    conv with a bias, as in that repository). As there, an upsampler is also built for each extra conv
+    conv with a bias, as in that repository); with `guided` True: "sapa" (up_kernel_size 5, embedding_dim 32,
+    qkv_bias, norm), "sapadeform" (num_point 9, groups 4, embedding_dim 32, qkv_bias, high_offset, norm
+    False) and "fade" (up_kernel_size 5, gating False), each step then
+    `laterals[i-1] + upsample_modules[i-1](laterals[i-1], laterals[i])`, guided by the level's own lateral
+    before it receives the sum. As there, an upsampler is also built for each extra conv
     level (unused, but in the checkpoints). Keys are the official; `init_weights` (run at
     construction) does what the official init_cfg does under mmengine: xavier-uniform with zero bias on
     every nn.Conv2d of the neck, the upsamplers' included, deconvs left at PyTorch's default.
@@ -142,19 +158,22 @@ class FPN_UPSAMPLE(TopDown):
     size_rule = "2x"
     builders = {"nearest": build_resize, "bilinear": build_resize, "deconv": _torch_layer,
                 "pixelshuffle": _torch_layer, "carafe": build_learned,
-                "dysample": functools.partial(build_learned, scope_bias=True)}
+                "dysample": functools.partial(build_learned, scope_bias=True), **dict.fromkeys(GUIDED, _guided)}
 
     def __init__(self, in_channels, out_channels: int, num_outs: int, start_level: int = 0, end_level: int = -1,
                  add_extra_convs=False, relu_before_extra_convs: bool = False, no_norm_on_lateral: bool = False,
                  conv_cfg=None, norm_cfg=None, act_cfg=None, upsample_cfg=None, init_cfg=XAVIER,
                  backend: str = "auto"):
         upsample_cfg = dict(type="nearest") if upsample_cfg is None else upsample_cfg
+        guided = False
         if isinstance(upsample_cfg, Mapping):
             upsample_cfg = dict(upsample_cfg)
-            if upsample_cfg.pop("guided", False) is not False:
-                raise ValueError("upsample_cfg guided must be False: the guided upsamplers (FADE, SAPA) are not "
-                                 "here")
+            guided, want = upsample_cfg.pop("guided", False), upsample_cfg.get("type") in GUIDED
+            if guided is not want:
+                raise ValueError(f"upsample_cfg guided must be {want} for type {upsample_cfg.get('type')!r} "
+                                 f"(True for {tuple(GUIDED)}, False or absent for the others), got {guided!r}")
         super().__init__(in_channels, out_channels, num_outs, start_level, end_level, backend, upsample_cfg)
+        self.guided = guided
         _none_cfgs(conv_cfg=conv_cfg, norm_cfg=norm_cfg, act_cfg=act_cfg)
         if init_cfg != XAVIER:
             raise ValueError(f"init_cfg must be the official {XAVIER}, got {init_cfg!r}")
