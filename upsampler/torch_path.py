@@ -57,7 +57,7 @@ def _acc(dtype) -> torch.dtype:
 PAD = 2  # zero border of the tables: a corner of any clipped cell [-2, H] x [-2, W] reads a real row
 # pairs per chunk of output rows: every per-pair intermediate of a chunk stays cache-sized, so the cost
 # per output pixel does not grow with the map (tests shrink it to cross chunk edges on tiny maps)
-CHUNK_PAIRS = 1 << 15
+CHUNK_PAIRS = 1 << 18
 
 
 def _table(x: Tensor, b: int, c0: int, c1: int, acc) -> Tensor:
@@ -105,7 +105,7 @@ class _Pairs:
         if offset is None:
             pos = grid.expand(G, *grid.shape).clone()
         else:
-            pos = torch.empty(G, *grid.shape, dtype=acc, device=device)
+            pos = torch.empty(G, r1 - r0, Wo, K, 2, dtype=acc, device=device)
             torch.add(offset[b].view(G, K, 2, Ho, Wo)[:, :, :, r0:r1].permute(0, 3, 4, 1, 2), grid, out=pos)
         self.unit = torch.tensor([uy, ux], dtype=acc, device=device)
         if coords == "align_corners":  # offsets in output pixels, then mapped
