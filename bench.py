@@ -3,6 +3,7 @@ beside their plain PyTorch forms, forward and forward+backward:
 
     python bench.py [--quick] [--out DIR] [--shape B C H W [--shape ...]] [--kernel-sizes ..] [--scales ..]
                     [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--list]
+    python bench.py --sizes [SIDE ...] [--shape 1 C 1 1] [--threads N]
 
 On a CPU: the LDAAQU module (the torch path) against the official-style module (same weights) at every
 k_u x scale x shape, CARAFE (each odd up_kernel among the kernel sizes, integer scales) against the
@@ -15,6 +16,10 @@ tensors, so no memory is spent on it), also at narrow maps and for the Triton ba
 each point (FlopCounterMode with the op's registered formula) over a torch.matmul probe's fp32 rate.
 A baseline whose estimated memory would not fit is refused with its estimate. On a GPU: also the Triton
 op against the eager reference and torch.compile of it, with GB/s on the op's byte floor.
+
+--sizes: the cost against size instead, LDAAQU (C = 64 unless --shape gives another C) at k_u=3, s=2
+to square outputs of each SIDE (default 128 256 512 1024 2048), forward, and forward+backward up to
+SIZES_BWD_MAX, beside the official-style module where its estimate fits (cost_vs_size.png).
 
 Writes bench.csv into DIR (default results/<gpu name>/, results/cpu/ without a GPU), the figures of
 bench_plots.py from it, and targets.md (the CPU targets, pass or miss per point).
@@ -63,6 +68,7 @@ FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "case", "back
 G, NH, R = 2, 1, 4  # LDAAQU's groups, heads and channel reduction (the official defaults)
 WORKLOAD, TARGET_MAP = (1, 256, 50, 84), (1, 128, 40, 60)
 TARGET_POINTS = {(k, s) for k in (3, 5, 7) for s in (2, 3, 4)}
+SIZES, SIZES_BWD_MAX = (128, 256, 512, 1024, 2048), 1024  # --sizes: output sides; fwd+bwd up to this side
 TARGETS = {"fwd": 5.0, "fwd+bwd": 4.0, "memory": 0.2}  # speed-ups over, and memory share of, the official-style
 # a CPU case whose estimated peak exceeds half the machine's memory is refused, not swapped
 BUDGET = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 if hasattr(os, "sysconf") else 6 * 2 ** 30
@@ -217,6 +223,9 @@ def comparisons(cases, shapes, kernel_sizes, scales, up_shape):
     for shape in shapes if "module" in cases else []:
         out += [("module", k, s, shape, module_build(shape, k, s)) for k in kernel_sizes for s in scales]
     int_scales = [int(s) for s in scales if s == int(s)]
+    if "size" in cases:  # shapes are the inputs of the output sides, at one k_u and scale
+        out += [("size", kernel_sizes[0], scales[0], shape, module_build(shape, kernel_sizes[0], scales[0]))
+                for shape in shapes]
     if "carafe" in cases:
         out += [("carafe", k, s, up_shape, carafe_build(up_shape, k, s)) for k in kernel_sizes for s in int_scales]
     if "dysample" in cases:
@@ -275,6 +284,8 @@ def run_cpu(comps, rate, budget_s):
         refused = refusals(build)
         ours = next(b for b in build()[0] if b != BASELINES[case])
         for backward in (False, True):
+            if backward and case == "size" and px > SIZES_BWD_MAX ** 2:
+                continue
             d = "fwd+bwd" if backward else "fwd"
             base = dict(meta(), case=case, direction=d, dtype="fp32", k_u=k_u, scale=s, B=B, C=C, H=H, W=W,
                         matmul_gflops_per_s=_g(rate))
@@ -554,6 +565,9 @@ def parse(argv=None):
     cpu_cases = ["module", "carafe", "dysample", *GUIDED]
     ap.add_argument("--cases", nargs="+", choices=["op"] + cpu_cases, default=None,
                     help="which comparisons (default: all; op, the Triton kernels, needs a GPU)")
+    ap.add_argument("--sizes", type=int, nargs="*", metavar="SIDE", default=None,
+                    help=f"the cost against size: square outputs of these sides (default {' '.join(map(str, SIZES))}) "
+                         "at k_u=3 (or the first --kernel-sizes), s=2 (or the first --scales), C from --shape (64)")
     ap.add_argument("--list", action="store_true", help="print the cases that will run here, and exit")
     args = ap.parse_args(argv)
     for shape in (args.shape or []) + ([args.upsampler_shape] if args.upsampler_shape else []):
@@ -578,6 +592,17 @@ def parse(argv=None):
             ap.error("--cases op times the Triton kernels, which need a GPU (on a CPU they only run interpreted)")
         if args.threads is not None and args.threads < 1:
             ap.error(f"--threads must be positive, got {args.threads}")
+    if args.sizes is not None:
+        if GPU or args.cases:
+            ap.error("--sizes is a CPU run of its own (no --cases)")
+        sides = args.sizes or list(SIZES)
+        s = (args.scales or [2.0])[0]
+        if s != int(s) or any(n < 1 or n % int(s) for n in sides):
+            ap.error(f"--sizes: sides must be positive multiples of the integer scale {s:g}, got {sides}")
+        C = args.shape[0][1] if args.shape else 64
+        args.cases, args.memory_channels = ["size"], []
+        args.kernel_sizes, args.scales = (args.kernel_sizes or [3])[:1], [s]
+        args.shape = [[1, C, n // int(s), n // int(s)] for n in sides]
     args.cases = args.cases or (["op"] + cpu_cases if GPU else cpu_cases)
     args.kernel_sizes = args.kernel_sizes or ([3, 5] if args.quick else [3, 5, 7, 9])
     args.scales = args.scales or ([2.0, 3.0] if args.quick else [2.0, 3.0, 4.0])

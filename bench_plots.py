@@ -7,7 +7,8 @@ ours solid and the baseline dashed, forward and forward+backward columns, one ro
 case, shape and dtype; speedup.png: the speed-up
 over each case's baseline as a k_u x scale heat map; memory.png: what autograd keeps for backward
 against k_u and scale; memory_ratio.png: ours over the official-style module's on the narrow maps,
-per backend; gbps.png (GPU runs): effective GB/s on the op's byte floor. Titles name the device,
+per backend; gbps.png (GPU runs): effective GB/s on the op's byte floor; cost_vs_size.png (bench.py
+--sizes): time and memory kept for backward per output pixel against the output size, log-log. Titles name the device,
 dtype, shape, threads and baseline, and flag a run whose load average exceeded the core count.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # the baseline each case is compared against
 BASELINES = {"op": "eager", "module": "official-style", "carafe": "unfold", "dysample": "grid_sample",
-             "sapa": "unfold", "sapadeform": "grid_sample", "fade": "unfold", "memory": "official-style"}
+             "sapa": "unfold", "sapadeform": "grid_sample", "fade": "unfold", "memory": "official-style",
+             "size": "official-style"}
 WINDOWED = ("carafe", "sapa", "sapadeform", "fade")  # the cases with a kernel size (CARAFE's plots)
 NUMERIC = ("k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "mpix_per_s", "gb_per_s",
            "saved_for_backward_bytes", "load_before", "load_after", "cores", "threads", "gflops", "limit_fraction")
@@ -241,6 +243,44 @@ def gbps(rows, out):
                           "Bandwidth against the byte floor", "gbps.png")
 
 
+def cost_vs_size(rows, out):
+    """bench.py --sizes: microseconds and bytes kept for backward per output pixel against the output's
+    pixels, one line per (backend, direction), log-log: a flat line is a cost that grows with the work."""
+    sel = [r for r in rows if r["case"] == "size"]
+    if not sel:
+        return None
+    r0 = sel[0]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), squeeze=False)
+    px = lambda r: r["B"] * r["H"] * r["W"] * r["scale"] ** 2  # noqa: E731
+    base = BASELINES["size"]
+    for ax, key, ylabel, scale in ((axes[0][0], "ms", "time per output pixel (us, log)", 1e3),
+                                   (axes[0][1], "saved_for_backward_bytes", "kept for backward per output pixel "
+                                                                            "(bytes, log)", 1.0)):
+        lines = sorted({(r["backend"], r["direction"]) for r in sel if r.get(key, "") != ""
+                        and (key == "ms" or r["direction"] == "fwd+bwd")}, key=lambda bd: (bd[0] == base, bd))
+        for b, d in lines:
+            i = int(d == "fwd+bwd")
+            pts = sorted((px(r), r[key] * scale / px(r)) for r in sel if r["backend"] == b and r["direction"] == d
+                         and r.get(key, "") != "" and (key != "ms" or r["status"] == "ok"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if b == base else "-", color=f"C{i}",
+                    marker="s" if b == base else "o", mfc="none" if b == base else f"C{i}", label=f"{b}, {d}")
+        refused = sorted({px(r) for r in sel if r["backend"] == base and r["status"].startswith("refused")})
+        for x in refused:
+            ax.axvline(x, color="grey", lw=0.8, ls=":")
+        sides = sorted({px(r) for r in sel})
+        ax.set(xscale="log", yscale="log", xlabel="output pixels (log; side labelled)", ylabel=ylabel)
+        ax.set_xticks(sides, [f"{int(r['H'] * r['scale'])}x{int(r['W'] * r['scale'])}" for r in
+                              sorted({px(r): r for r in sel}.values(), key=px)], fontsize=7)
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        if refused:
+            ax.set_title(f"{base} refused right of the grey lines (over the memory budget)", fontsize=8)
+    fig.suptitle(f"Cost against size: LDAAQU C={int(r0['C'])} k_u={int(r0['k_u'])} s={r0['scale']:g}, ours solid, "
+                 f"{base} dashed\n{run_label(rows)}")
+    return _save(fig, out, "cost_vs_size.png")
+
+
 def plot_all(rows, out: str) -> list[str]:
     """Draw every figure the rows allow into out; the paths written."""
     if isinstance(rows, str):
@@ -252,7 +292,7 @@ def plot_all(rows, out: str) -> list[str]:
         raise ValueError(f"not a bench.py CSV: columns {sorted(missing)} are missing")
     os.makedirs(out, exist_ok=True)
     figs = [throughput(rows, out, "k_u"), throughput(rows, out, "scale"), speedup(rows, out), memory(rows, out),
-            memory_ratio(rows, out), gbps(rows, out)]
+            memory_ratio(rows, out), gbps(rows, out), cost_vs_size(rows, out)]
     return [p for p in figs if p]
 
 

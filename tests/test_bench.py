@@ -33,6 +33,8 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU grid's 
     (["--memory-channels", "12"], "multiples of 8"),
     (["--cases", "carafe", "--scales", "1.5"], "integer scales"),
     (["--cases", "nope"], "invalid choice"),
+    (["--sizes", "33"], "multiples of the integer scale"),
+    (["--sizes", "--cases", "module"], "no --cases"),
 ])
 def test_bad_flags_are_refused_with_the_reason(argv, why, capsys):
     with pytest.raises(SystemExit) as e:
@@ -154,6 +156,30 @@ def test_every_plot_is_drawn_from_a_small_csv(tmp_path):
     assert names == ["gbps.png", "memory.png", "memory_ratio.png", "speedup.png", "throughput_vs_k_u.png",
                      "throughput_vs_scale.png"]
     assert all(os.path.getsize(p) > 10_000 for p in paths)
+
+
+@CPU_ONLY
+def test_sizes_is_a_size_axis_and_its_plot(tmp_path, capsys):
+    """--sizes: one LDAAQU point per output side at k_u=3 s=2 beside the official-style module, the
+    biggest forward only; cost_vs_size.png from such rows, a refused baseline among them."""
+    args = bench.parse(["--sizes", "8", "12", "--shape", "1", "16", "1", "1"])
+    assert args.cases == ["size"] and args.shapes == [(1, 16, 4, 4), (1, 16, 6, 6)] and args.kernel_sizes == [3]
+    bench.main(["--sizes", "8", "--list"])
+    assert sorted(capsys.readouterr().out.splitlines()) == [
+        "size LDAAQU 1x64x4x4 k_u=3 s=2 fp32 fwd fwd+bwd", "size official-style 1x64x4x4 k_u=3 s=2 fp32 fwd fwd+bwd"]
+    base = dict(device="CPU (test), 2 cores", torch="2.x", triton="3.x", date="2026-01-01", threads=1, cores=2,
+                dtype="fp32", case="size", B=1, C=64, k_u=3, scale=2, load_before=0.5, load_after=0.7, status="ok")
+    rows = [dict(base, backend=b, direction=d, H=n, W=n, ms=n * n * f * (1 + 3 * (b != "LDAAQU")) / 1e3,
+                 saved_for_backward_bytes=n * n * (500 if b == "LDAAQU" else 5000) if d == "fwd+bwd" else "")
+            for n in (64, 128, 256) for b in ("LDAAQU", "official-style") for d, f in (("fwd", 1), ("fwd+bwd", 3))]
+    rows[-1].update(ms="", status="refused: needs ~20 GiB")
+    path = tmp_path / "bench.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench.FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    assert [os.path.basename(p) for p in bench_plots.plot_all(str(path), str(tmp_path))] == ["cost_vs_size.png"]
+    assert (tmp_path / "cost_vs_size.png").stat().st_size > 10_000
 
 
 def test_plotting_refuses_what_is_not_a_bench_csv(tmp_path):

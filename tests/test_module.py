@@ -207,7 +207,8 @@ def test_autocast_bf16():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
 
 
-@pytest.mark.parametrize("size,out", [((5, 7), (10, 14)), ((4, 6), (6, 9)), ((7, 5), (3, 2)), ((1, 4), (1, 8))])
+@pytest.mark.parametrize("size,out", [((5, 7), (10, 14)), ((4, 6), (6, 9)), ((7, 5), (3, 2)), ((1, 4), (1, 8)),
+                                      ((6, 1), (1, 5)), ((3, 4), (17, 16))])
 def test_upsample_backward_is_interpolates(size, out):
     """The module's bilinear upsampling of q (its own backward, for torch.compile) against F.interpolate
     under autograd: up, non-integer, down, one-pixel; float64, and bfloat16 with fp32 sums."""

@@ -62,6 +62,25 @@ def test_modes_match_reference(mode, coords, padding):
         assert rel_err(got[n], expect[n]) < 1e-10, f"d{n}, {name}, seed={seed}"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_chunks_match_reference(mode, monkeypatch):
+    """One output row per chunk (tables per image, gradients of v and k summed over each chunk's band
+    of rows): the same op, and bitwise repeatable."""
+    monkeypatch.setattr(torch_path, "CHUNK_PAIRS", 1)
+    seed = fresh_seed()
+    name = list(GEOMETRY)[seed % len(GEOMETRY)]
+    extra = dict(coords=["align_corners", "half_pixel", "nearest"][seed % 3], padding=["zeros", "border"][seed % 2])
+    t, size, kw = problem(name, mode, seed)
+    out, ref = run(t, size, kw, "torch", **extra), run(t, size, kw, "reference", **extra)
+    assert rel_err(out, ref) < 1e-12, f"{name}, {extra}, seed={seed}"
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    got, expect = grads(t, size, kw, "torch", dout, **extra), grads(t, size, kw, "reference", dout, **extra)
+    again = grads(t, size, kw, "torch", dout, **extra)
+    for n in expect:
+        assert rel_err(got[n], expect[n]) < 1e-10, f"d{n}, {name}, {extra}, seed={seed}"
+        assert torch.equal(got[n], again[n]), f"d{n} not repeatable, {name}, {extra}, seed={seed}"
+
+
 @pytest.mark.parametrize("mode", ["attention", "none"])
 def test_base_grid_without_offsets(mode):
     seed = fresh_seed()

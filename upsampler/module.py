@@ -37,14 +37,16 @@ def _layer_norm_channels(x, weight, bias, eps):
 
 
 class BilinearAlignCorners(torch.autograd.Function):
-    """F.interpolate(x, size, mode="bilinear", align_corners=True); the backward is two small matmuls
-    with the interpolation weights.
+    """F.interpolate(x, size, mode="bilinear", align_corners=True) whose backward is the transposed
+    interpolation as gathers: each input row (column) sums the few output rows whose two taps reach it,
+    so the backward costs two taps per output row and column, like the forward.
 
     Autograd's own backward, under torch.compile, is Inductor's decomposition: four accumulating
     index_puts into zeros, then their sum. Inductor 2.13's C++ backend can run the sum before the
     index_puts (a mutation dependency lost when it recomputes a node's loops for fusion,
-    pytorch/pytorch#185509): the gradient through q silently vanished on CPU. ATen's backward kernel
-    has no meta function for symbolic sizes, so it cannot stand in under dynamic shapes.
+    pytorch/pytorch#185509): the gradient through q silently vanished on CPU. Gathers write nothing in
+    place. ATen's backward kernel has no meta function for symbolic sizes, so it cannot stand in under
+    dynamic shapes.
     """
 
     @staticmethod
@@ -54,12 +56,27 @@ class BilinearAlignCorners(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (H, W), (Ho, Wo) = ctx.in_size, grad.shape[-2:]
+        H, W = ctx.in_size
         acc = torch.promote_types(grad.dtype, torch.float32)  # as ATen's kernel: weights and sums in fp32
         with torch.autocast(grad.device.type, enabled=False):
-            dx = torch.einsum("bcyx,yh,xw->bchw", grad.to(acc), _tent(H, Ho, acc, grad.device),
-                              _tent(W, Wo, acc, grad.device))
+            dx = _tent_transposed(_tent_transposed(grad.to(acc), W, -1), H, -2)
         return dx.to(grad.dtype), None
+
+
+def _tent_transposed(g: torch.Tensor, n_in: int, dim: int) -> torch.Tensor:
+    """The transposed 1-D align-corners interpolation of g along dim (n_out long), to n_in: input i sums
+    tap weight max(0, 1 - |o * ratio - i|) times g[o] over the M outputs o from the first that can reach
+    it, M = 2 (n_out - 1) // (n_in - 1) + 3 (integer size arithmetic: no guard under dynamic shapes)."""
+    n_out = g.shape[dim]
+    span = torch.sym_max(n_in - 1, 1)
+    i = torch.arange(n_in, device=g.device)
+    o = (((i - 1) * (n_out - 1)).div(span, rounding_mode="floor").clamp(min=0)[:, None]
+         + torch.arange(2 * (n_out - 1) // span + 3, device=g.device))  # [n_in, M]
+    w = (1 - (o.to(g.dtype) * align_corners_ratio(n_in, n_out) - i[:, None]).abs()).clamp(min=0) * (o < n_out)
+    o = o.clamp(max=n_out - 1)
+    if dim == -1:
+        return (g[..., o] * w).sum(-1)
+    return (g[..., o, :] * w[..., None]).sum(-2)
 
 
 class _Recomputed(torch.autograd.Function):
@@ -87,12 +104,6 @@ class _Recomputed(torch.autograd.Function):
         need = [a for a in args if a.requires_grad]
         grads = iter(torch.autograd.grad(out, need, grad, allow_unused=True) if need else ())
         return (None, *(next(grads) if a.requires_grad else None for a in args))
-
-
-def _tent(n_in, n_out, dtype, device) -> torch.Tensor:
-    """[n_out, n_in] align-corners interpolation weights: max(0, 1 - |source position - input index|)."""
-    src = torch.arange(n_out, dtype=dtype, device=device) * align_corners_ratio(n_in, n_out)
-    return (1 - (src[:, None] - torch.arange(n_in, dtype=dtype, device=device)).abs()).clamp(min=0)
 
 
 def _positive_int(name: str, value) -> int:

@@ -35,147 +35,170 @@ def is_exporting() -> bool:
 
 
 PAD = 2  # zero border of the tables: a corner of any clipped cell [-2, H] x [-2, W] reads a real row
+# pairs per chunk of output rows: every per-pair intermediate of a chunk stays cache-sized, so the cost
+# per output pixel does not grow with the map (tests shrink it to cross chunk edges on tiny maps)
+CHUNK_PAIRS = 1 << 18
 
 
-def _rows(x: Tensor, c0: int, c1: int, acc) -> Tensor:
-    """x[:, c0:c1] as channels-last rows [B*H*W, c1-c0] in acc."""
-    B, _, H, W = x.shape
-    out = x.new_empty(B, H, W, c1 - c0, dtype=acc)
-    out.copy_(x[:, c0:c1].permute(0, 2, 3, 1))
-    return out.view(B * H * W, c1 - c0)
-
-
-def _table(x: Tensor, c0: int, c1: int, acc) -> Tensor:
-    """x[:, c0:c1] as channels-last rows of the map zero-padded by PAD: [B*(H+2PAD)*(W+2PAD), c1-c0]."""
-    B, _, H, W = x.shape
-    out = x.new_zeros(B, H + 2 * PAD, W + 2 * PAD, c1 - c0, dtype=acc)
-    out[:, PAD:PAD + H, PAD:PAD + W] = x[:, c0:c1].permute(0, 2, 3, 1)
+def _table(x: Tensor, b: int, c0: int, c1: int, acc) -> Tensor:
+    """x[b, c0:c1] as channels-last rows of the map zero-padded by PAD: [(H+2PAD)*(W+2PAD), c1-c0]."""
+    _, _, H, W = x.shape
+    out = x.new_zeros(H + 2 * PAD, W + 2 * PAD, c1 - c0, dtype=acc)
+    out[PAD:PAD + H, PAD:PAD + W] = x[b, c0:c1].permute(1, 2, 0)
     return out.view(-1, c1 - c0)
 
 
-def _put(dst: Tensor, c0: int, c1: int, rows: Tensor, pad: int = 0):
-    """dst[:, c0:c1] = rows [B*(H+2pad)*(W+2pad), c1-c0] laid back out as [B, c, H, W], padding dropped."""
-    B, _, H, W = dst.shape
-    rows = rows.view(B, H + 2 * pad, W + 2 * pad, c1 - c0)[:, pad:pad + H, pad:pad + W]
-    dst[:, c0:c1] = rows.permute(0, 3, 1, 2)
+def _rows(x: Tensor, b: int, c0: int, c1: int, r0: int, r1: int, acc) -> Tensor:
+    """x[b, c0:c1, r0:r1] as channels-last rows [(r1-r0)*W, c1-c0] in acc."""
+    out = x.new_empty(r1 - r0, x.shape[3], c1 - c0, dtype=acc)
+    out.copy_(x[b, c0:c1, r0:r1].permute(1, 2, 0))
+    return out.view(-1, c1 - c0)
+
+
+def _put(dst: Tensor, b: int, c0: int, c1: int, r0: int, rows: Tensor, pad: int = 0):
+    """dst[b, c0:c1, r0:] = rows [R*(W+2pad), c1-c0] (R rows from r0, padding dropped) as [c, R, W]."""
+    W = dst.shape[3]
+    rows = rows.view(-1, W + 2 * pad, c1 - c0)
+    rows = rows[pad:rows.shape[0] - pad, pad:pad + W]
+    dst[b, c0:c1, r0:r0 + rows.shape[0]] = rows.permute(2, 0, 1)
 
 
 class _Pairs:
-    """The (table row, bilinear weight) pairs of every output pixel, per offset group.
+    """The (table row, bilinear weight) pairs of the output pixels of rows r0:r1 of image b, per offset group.
 
-    idx [G, B*P, K, 4] rows of the padded tables (`_table`): a position's cell is clipped to
-    [-PAD, H] x [-PAD, W] (NaN to -PAD), so corners outside the map, far or NaN positions read zero
-    rows; bw [G, B*P, K, 4] the bilinear weights (NaN stays NaN, so it propagates); dby/dbx their
-    derivatives along the position.
+    idx [G, n, K, 4] (int32) rows of the image's padded tables (`_table`), n = (r1-r0)*Wo: a position's
+    cell is clipped to [-PAD, H] x [-PAD, W] (NaN to -PAD), so corners outside the map, far or NaN
+    positions read zero rows; bw [G, n, K, 4] the bilinear weights (NaN stays NaN, so it propagates);
+    dby/dbx their derivatives along the position.
     """
 
-    def __init__(self, v_shape, size, offset, kernel_size, G, K, coords, padding, acc, device, grad=False):
-        B, _, H, W = v_shape
+    def __init__(self, v_shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, acc, device,
+                 grad=False):
+        _, _, H, W = v_shape
         Ho, Wo = size
-        Hp, Wp = H + 2 * PAD, W + 2 * PAD
-        self.B, self.P, self.K, self.rows = B, Ho * Wo, K, B * Hp * Wp
-        # positions [G, B, Ho, Wo, K, (y, x)] in input pixels, as naive.positions computes them
+        Wp = W + 2 * PAD
+        self.n, self.K, self.rows = (r1 - r0) * Wo, K, (H + 2 * PAD) * Wp
+        # positions [G, R, Wo, K, (y, x)] in input pixels, as naive.positions computes them
         (y0, uy), (x0, ux) = output_grid(H, Ho, coords, acc, device), output_grid(W, Wo, coords, acc, device)
-        grid = torch.stack(torch.broadcast_tensors(y0.view(Ho, 1), x0.view(1, Wo)), -1).view(Ho, Wo, 1, 2)
+        grid = torch.stack(torch.broadcast_tensors(y0[r0:r1].view(-1, 1), x0.view(1, Wo)), -1).unsqueeze(-2)
         grid = grid + base_grid(kernel_size, acc, device)
         if offset is None:
-            pos = grid.expand(G, B, Ho, Wo, K, 2).clone()
+            pos = grid.expand(G, *grid.shape).clone()
         else:
-            pos = torch.empty(G, B, Ho, Wo, K, 2, dtype=acc, device=device)
-            torch.add(offset.view(B, G, K, 2, Ho, Wo).permute(1, 0, 4, 5, 2, 3), grid, out=pos)
+            pos = torch.empty(G, r1 - r0, Wo, K, 2, dtype=acc, device=device)
+            torch.add(offset[b].view(G, K, 2, Ho, Wo)[:, :, :, r0:r1].permute(0, 3, 4, 1, 2), grid, out=pos)
         self.unit = torch.tensor([uy, ux], dtype=acc, device=device)
         if coords == "align_corners":  # offsets in output pixels, then mapped
             pos.mul_(self.unit)
-        pos = pos.view(G, B * Ho * Wo, K, 2)
+        pos = pos.view(G, self.n, K, 2)
         lim = torch.tensor([H - 1, W - 1], dtype=acc, device=device)
         self.passes = None
         if padding == "border":  # clip, with zero gradient at and past the edge (grid_sample's border)
             self.passes = (pos > 0) & (pos < lim)
             pos = pos.clamp(min=torch.zeros_like(lim), max=lim)
         cell = pos.floor()
-        frac = pos - cell
+        frac = pos.sub_(cell)
         w = torch.stack([1 - frac, frac], -2)  # [..., corner 0/1, (y, x)]
         self.bw = (w[..., :, None, 0] * w[..., None, :, 1]).flatten(-2)  # corners (0,0) (0,1) (1,0) (1,1)
         if grad:
             sign = torch.tensor([-1.0, 1.0], dtype=acc, device=device)
             self.dby = (sign[:, None] * w[..., None, :, 1]).flatten(-2)
             self.dbx = (w[..., :, None, 0] * sign).flatten(-2)
-        cell = cell.nan_to_num(nan=-PAD).clamp(min=torch.full_like(lim, -PAD), max=lim + 1).long() + PAD
-        batch = torch.arange(B, device=device).repeat_interleave(Ho * Wo).view(1, -1, 1) * (Hp * Wp)
-        lin = cell[..., 0] * Wp + cell[..., 1] + batch
-        if coords == "nearest" and offset is None:  # integer positions: read the pixel only, as the kernels do
-            self.idx = torch.stack([lin, *[torch.zeros_like(lin)] * 3], -1)  # row 0: a zero pad of batch 0
+        cell = cell.nan_to_num_(nan=-PAD).clamp_(min=torch.full_like(lim, -PAD), max=lim + 1).add_(PAD)
+        lin = (cell[..., 0] * Wp + cell[..., 1]).to(torch.int32)
+        if coords == "nearest" and offset is None:
+            # integer positions: the pixel only, as the kernels read it; the other corners read the
+            # zero pad at the start of the pixel's table row
+            self.idx = torch.stack([lin, *[lin - lin % Wp] * 3], -1)
         else:
-            self.idx = lin[..., None] + torch.tensor([0, 1, Wp, Wp + 1], device=device)
+            self.idx = lin[..., None] + torch.tensor([0, 1, Wp, Wp + 1], dtype=torch.int32, device=device)
         self._pattern = [None] * G
         self._sorted = [None] * G
 
     def gather(self, g: int, table: Tensor, coef: Tensor) -> Tensor:
-        """[B*P, c]: sum_j coef[p, j] table[idx_j(p)], coef [B*P, K, 4]."""
-        return F.embedding_bag(self.idx[g].view(self.B * self.P, -1), table,
-                               per_sample_weights=coef.reshape(self.B * self.P, -1), mode="sum")
+        """[n, c]: sum_j coef[p, j] table[idx_j(p)], coef [n, K, 4]."""
+        return F.embedding_bag(self.idx[g].view(self.n, -1), table, per_sample_weights=coef.reshape(self.n, -1),
+                               mode="sum")
 
     def dots(self, g: int, rows: Tensor, table: Tensor) -> Tensor:
-        """[B*P, K, 4]: rows[p] . table[idx_j(p)] for every pair."""
-        n, J = self.B * self.P, 4 * self.K
+        """[n, K, 4]: rows[p] . table[idx_j(p)] for every pair."""
+        n, J = self.n, 4 * self.K
         # sampled_addmm keeps at most n * columns pairs: tiny maps get zero rows up to J
         cols = max(self.rows, J)
         if table.shape[0] < cols:
             table = torch.cat([table, table.new_zeros(cols - table.shape[0], table.shape[1])])
         if self._pattern[g] is None:
-            crow = torch.arange(0, n * J + 1, J, device=rows.device)
+            crow = torch.arange(0, n * J + 1, J, dtype=torch.int32, device=rows.device)
             with warnings.catch_warnings():  # "sparse CSR is in beta"
                 warnings.simplefilter("ignore")
                 self._pattern[g] = torch.sparse_csr_tensor(crow, self.idx[g].reshape(-1), rows.new_zeros(n * J),
                                                            (n, cols), check_invariants=False)
         return torch.sparse.sampled_addmm(self._pattern[g], rows, table.t(), beta=0.0).values().view(n, self.K, 4)
 
-    def scatter(self, g: int, rows: Tensor, coef: Tensor) -> Tensor:
-        """[table rows, c]: the transposed gather, out[r] = sum over pairs (p, j) reading row r of coef * rows[p]."""
+    def scatter(self, g: int, rows: Tensor, coef: Tensor, out: Tensor):
+        """out[r] += sum over pairs (p, j) reading row r of coef * rows[p]: the transposed gather, over the
+        band of rows the chunk reads (its pairs sorted by row: a fixed summation order, no atomics)."""
         if self._sorted[g] is None:
             key = self.idx[g].reshape(-1)
-            # a stable sort fixes the summation order (deterministic); int32 keys take the radix sort
-            order = torch.sort(key.int() if self.rows < 2**31 else key, stable=True).indices
-            counts = torch.bincount(key, minlength=self.rows)
-            self._sorted[g] = order, order // (4 * self.K), counts.cumsum(0) - counts
-        order, pixel, starts = self._sorted[g]
-        return F.embedding_bag(pixel, rows, starts, per_sample_weights=coef.reshape(-1)[order], mode="sum")
+            lo = int(key.min())
+            key = key - lo
+            order = torch.sort(key, stable=True).indices
+            counts = torch.bincount(key)
+            self._sorted[g] = lo, order, order // (4 * self.K), counts.cumsum(0) - counts
+        lo, order, pixel, starts = self._sorted[g]
+        out[lo:lo + starts.shape[0]] += F.embedding_bag(pixel, rows, starts, per_sample_weights=coef.reshape(-1)[order],
+                                                        mode="sum")
 
 
-def _weights(pairs, q, k, rpb, logits, weights, G, nh, scale, acc):
-    """w [B, nh, P, K] (None: every sample weighs 1)."""
-    B, P, K = pairs.B, pairs.P, pairs.K
-    if q is not None:
-        D = q.shape[1]
-        logit = q.new_zeros(B, nh, P, K, dtype=acc)
-        for g, h, c0, c1 in _segments(D, G, nh):
-            e = pairs.dots(g, _rows(q, c0, c1, acc), _table(k, c0, c1, acc))
-            logit[:, h] += (e * pairs.bw[g]).sum(-1).view(B, P, K)
-        if rpb is not None:
-            logit += torch.einsum("bhcp,hnc->bhpn", q.to(acc).reshape(B, nh, D // nh, P), rpb.to(acc))
-        return (logit * scale).softmax(-1)
+def _chunks(B, size, G, K):
+    """(b, r0, r1): runs of output rows of one image with about CHUNK_PAIRS pairs."""
+    Ho, Wo = size
+    R = max(1, CHUNK_PAIRS // (G * Wo * K * 4))
+    return [(b, r0, min(r0 + R, Ho)) for b in range(B) for r0 in range(0, Ho, R)]
+
+
+def _given(logits, weights, acc):
+    """w [B, nh, P, K] from given logits or weights (None: every sample weighs 1)."""
     given = logits if logits is not None else weights
     if given is None:
         return None
+    B, nh, K = given.shape[:3]
     w = given.new_empty(B, nh, *given.shape[3:], K, dtype=acc)  # a copy: a custom op's output never aliases
     w.copy_(given.permute(0, 1, 3, 4, 2))
-    w = w.view(B, nh, P, K)
+    w = w.view(B, nh, -1, K)
     return w.softmax(-1) if logits is not None else w
 
 
 def _coef(pairs, w, g, h):
-    return pairs.bw[g] if w is None else pairs.bw[g] * w[:, h].reshape(-1, pairs.K, 1)
+    """[n, K, 4] the pairs' weights: bilinear times the sample's weight w [nh, n, K] (None: 1)."""
+    return pairs.bw[g] if w is None else pairs.bw[g] * w[h].unsqueeze(-1)
 
 
 def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding):
     acc = _acc(v.dtype)
     B, C, H, W = v.shape
+    Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
-    pairs = _Pairs(v.shape, size, offset, kernel_size, G, K, coords, padding, acc, v.device)
-    w = _weights(pairs, q, k, rpb, logits, weights, G, nh, scale, acc)
-    out = v.new_empty(B, C, *size)
-    for g, h, c0, c1 in _segments(C, G, nh):
-        _put(out, c0, c1, pairs.gather(g, _table(v, c0, c1, acc), _coef(pairs, w, g, h)))
+    w = _given(logits, weights, acc) if q is None else v.new_empty(B, nh, Ho * Wo, K, dtype=acc)
+    out = v.new_empty(B, C, Ho, Wo)
+    segs, qsegs = _segments(C, G, nh), _segments(q.shape[1], G, nh) if q is not None else []
+    for b, r0, r1 in _chunks(B, size, G, K):
+        if r0 == 0:
+            vtab = [_table(v, b, c0, c1, acc) for _, _, c0, c1 in segs]
+            ktab = [_table(k, b, c0, c1, acc) for _, _, c0, c1 in qsegs]
+        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, acc, v.device)
+        wc = None if w is None else w[b, :, r0 * Wo:r1 * Wo]
+        if q is not None:
+            logit = v.new_zeros(nh, pairs.n, K, dtype=acc)
+            for (g, h, c0, c1), table in zip(qsegs, ktab):
+                e = pairs.dots(g, _rows(q, b, c0, c1, r0, r1, acc), table)
+                logit[h] += (e * pairs.bw[g]).sum(-1)
+            if rpb is not None:
+                qc = q[b, :, r0:r1].to(acc).reshape(nh, -1, pairs.n)
+                logit += torch.einsum("hcp,hnc->hpn", qc, rpb.to(acc))
+            wc.copy_(logit.mul_(scale).softmax(-1))
+        for (g, h, c0, c1), table in zip(segs, vtab):
+            _put(out, b, c0, c1, r0, pairs.gather(g, table, _coef(pairs, wc, g, h)))
     return out, w
 
 
@@ -184,61 +207,83 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
     """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed."""
     acc = _acc(v.dtype)
     B, C, H, W = v.shape
+    Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
     n_off = n_off and offset is not None
     attention = q is not None and (n_q or n_k or n_rpb or n_off)
     n_dw = attention or n_logits or n_weights
-    pairs = _Pairs(v.shape, size, offset, kernel_size, G, K, coords, padding, acc, v.device, grad=n_off)
-    P = pairs.P
+    segs, qsegs = _segments(C, G, nh), _segments(q.shape[1], G, nh) if q is not None else []
     dv = v.new_empty(v.shape, dtype=acc) if n_v else None
-    dw = dout.new_zeros(B, nh, P, K, dtype=acc) if n_dw else None
-    per_pair = dout.new_zeros(G, B * P, K, 4, dtype=acc) if n_off else None  # d loss / d bilinear weight
-    for g, h, c0, c1 in _segments(C, G, nh):
-        rows = _rows(dout, c0, c1, acc)
-        if n_off or n_dw:
-            e = pairs.dots(g, rows, _table(v, c0, c1, acc))
-            if n_dw:
-                dw[:, h] += (e * pairs.bw[g]).sum(-1).view(B, P, K)
-            if n_off:
-                per_pair[g] += e if w is None else e * w[:, h].reshape(B * P, K, 1)
-        if n_v:
-            _put(dv, c0, c1, pairs.scatter(g, rows, _coef(pairs, w, g, h)), PAD)
-    dq = dk = drpb = dlogits = dweights = None
-    if n_dw:
-        dlogit = w * (dw - (w * dw).sum(-1, keepdim=True))
-        if logits is not None:
-            dlogits = dlogit.view(B, nh, *size, K).permute(0, 1, 4, 2, 3)
-        if weights is not None:
-            dweights = dw.view(B, nh, *size, K).permute(0, 1, 4, 2, 3)
-    if attention:
-        D = q.shape[1]
-        a = dlogit * scale  # d loss / d (q . (k + rpb))
-        dq = q.new_empty(q.shape, dtype=acc) if n_q else None
-        dk = k.new_empty(k.shape, dtype=acc) if n_k else None
-        for g, h, c0, c1 in _segments(D, G, nh):
-            coef = pairs.bw[g] * a[:, h].reshape(B * P, K, 1)
-            table = _table(k, c0, c1, acc) if (n_q or n_off) else None
-            qrows = _rows(q, c0, c1, acc) if (n_k or n_off) else None
-            if n_q:
-                _put(dq, c0, c1, pairs.gather(g, table, coef))
-            if n_k:
-                _put(dk, c0, c1, pairs.scatter(g, qrows, coef), PAD)
-            if n_off:
-                per_pair[g] += pairs.dots(g, qrows, table) * a[:, h].reshape(B * P, K, 1)
-        if rpb is not None:
-            qh = q.to(acc).reshape(B, nh, D // nh, P)
-            if n_q:
-                dq += torch.einsum("bhpn,hnc->bhcp", a, rpb.to(acc)).reshape(q.shape)
-            drpb = torch.einsum("bhpn,bhcp->hnc", a, qh) if n_rpb else None
-    doffset = None
-    if n_off:
-        dpos = torch.stack([(per_pair * pairs.dby).sum(-1), (per_pair * pairs.dbx).sum(-1)], -1)  # [G, B*P, K, 2]
-        if pairs.passes is not None:
-            dpos = torch.where(pairs.passes, dpos, 0)
-        if coords == "align_corners":  # offsets in output pixels: d position / d offset is the ratio
-            dpos = dpos * pairs.unit
-        doffset = dpos.view(G, B, *size, K, 2).permute(1, 0, 4, 5, 2, 3).reshape(offset.shape)
+    dq = q.new_empty(q.shape, dtype=acc) if attention and n_q else None
+    dk = k.new_empty(k.shape, dtype=acc) if attention and n_k else None
+    drpb = rpb.new_zeros(rpb.shape, dtype=acc) if attention and n_rpb and rpb is not None else None
+    dlogit = dout.new_empty(B, nh, Ho * Wo, K, dtype=acc) if n_dw else None
+    dw = dout.new_empty(B, nh, Ho * Wo, K, dtype=acc) if n_weights else None
+    doffset = offset.new_empty(B, G, K, 2, Ho, Wo, dtype=acc) if n_off else None
+    for b, r0, r1 in _chunks(B, size, G, K):
+        if r0 == 0:
+            vtab = [_table(v, b, c0, c1, acc) for _, _, c0, c1 in segs] if (n_off or n_dw) else None
+            ktab = [_table(k, b, c0, c1, acc) for _, _, c0, c1 in qsegs] if attention and (n_q or n_off) else None
+            dvtab = [v.new_zeros(H + 2 * PAD, W + 2 * PAD, c1 - c0, dtype=acc).view(-1, c1 - c0)
+                     for _, _, c0, c1 in segs] if n_v else None
+            dktab = [v.new_zeros(H + 2 * PAD, W + 2 * PAD, c1 - c0, dtype=acc).view(-1, c1 - c0)
+                     for _, _, c0, c1 in qsegs] if dk is not None else None
+        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, acc, v.device,
+                       grad=n_off)
+        p0, p1 = r0 * Wo, r1 * Wo
+        wc = None if w is None else w[b, :, p0:p1]
+        dwc = dout.new_zeros(nh, pairs.n, K, dtype=acc) if n_dw else None
+        per_pair = dout.new_zeros(G, pairs.n, K, 4, dtype=acc) if n_off else None  # d loss / d bilinear weight
+        for i, (g, h, c0, c1) in enumerate(segs):
+            rows = _rows(dout, b, c0, c1, r0, r1, acc)
+            if n_off or n_dw:
+                e = pairs.dots(g, rows, vtab[i])
+                if n_dw:
+                    dwc[h] += (e * pairs.bw[g]).sum(-1)
+                if n_off:
+                    per_pair[g] += e if wc is None else e * wc[h].unsqueeze(-1)
+            if n_v:
+                pairs.scatter(g, rows, _coef(pairs, wc, g, h), dvtab[i])
+        if dw is not None:
+            dw[b, :, p0:p1] = dwc
+        if n_dw:
+            dlogit[b, :, p0:p1] = wc * (dwc - (wc * dwc).sum(-1, keepdim=True))
+        if attention:
+            a = dlogit[b, :, p0:p1] * scale  # d loss / d (q . (k + rpb))
+            for i, (g, h, c0, c1) in enumerate(qsegs):
+                coef = pairs.bw[g] * a[h].unsqueeze(-1)
+                qrows = _rows(q, b, c0, c1, r0, r1, acc) if (dk is not None or n_off) else None
+                if dq is not None:
+                    _put(dq, b, c0, c1, r0, pairs.gather(g, ktab[i], coef))
+                if dk is not None:
+                    pairs.scatter(g, qrows, coef, dktab[i])
+                if n_off:
+                    per_pair[g] += pairs.dots(g, qrows, ktab[i]) * a[h].unsqueeze(-1)
+            if rpb is not None:
+                if dq is not None:
+                    dq[b, :, r0:r1] += torch.einsum("hpn,hnc->hcp", a, rpb.to(acc)).reshape(-1, r1 - r0, Wo)
+                if drpb is not None:
+                    drpb += torch.einsum("hpn,hcp->hnc", a, q[b, :, r0:r1].to(acc).reshape(nh, -1, pairs.n))
+        if n_off:
+            dpos = torch.stack([(per_pair * pairs.dby).sum(-1), (per_pair * pairs.dbx).sum(-1)], -1)  # [G, n, K, 2]
+            if pairs.passes is not None:
+                dpos = torch.where(pairs.passes, dpos, 0)
+            if coords == "align_corners":  # offsets in output pixels: d position / d offset is the ratio
+                dpos = dpos * pairs.unit
+            doffset[b, :, :, :, r0:r1] = dpos.view(G, r1 - r0, Wo, K, 2).permute(0, 3, 4, 1, 2)
+        if r1 == Ho:
+            for i, (_, _, c0, c1) in enumerate(segs if n_v else []):
+                _put(dv, b, c0, c1, 0, dvtab[i], PAD)
+            for i, (_, _, c0, c1) in enumerate(qsegs if dk is not None else []):
+                _put(dk, b, c0, c1, 0, dktab[i], PAD)
+    dlogits = dweights = None
+    if logits is not None and n_dw:
+        dlogits = dlogit.view(B, nh, Ho, Wo, K).permute(0, 1, 4, 2, 3)
+    if dw is not None:
+        dweights = dw.view(B, nh, Ho, Wo, K).permute(0, 1, 4, 2, 3)
+    if doffset is not None:
+        doffset = doffset.view(offset.shape)
     grads = (dv, doffset, dq, dk, drpb, dlogits, dweights)
     ins = (v, offset, q, k, rpb, logits, weights)
     return tuple(None if d is None else d.to(x.dtype).contiguous() for d, x in zip(grads, ins))
