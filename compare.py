@@ -77,20 +77,20 @@ def _segment_distance(py, px, a, b):
 
 def _noise(size: int, cells: int, gen: torch.Generator) -> torch.Tensor:
     """Smooth noise [3, size, size]: a random cells x cells grid, bicubically upsampled."""
-    return F.interpolate(torch.randn(1, 3, cells, cells, generator=gen), (size, size), mode="bicubic",
-                         align_corners=False)[0]
+    grid = torch.randn(1, 3, cells, cells, generator=gen, device="cpu").to(torch.get_default_device())
+    return F.interpolate(grid, (size, size), mode="bicubic", align_corners=False)[0]
 
 
 def render(size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One image [3, size, size] in about [-1, 1] and its labels [size, size] (indices into CLASSES)."""
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=gen).item()  # noqa: E731
-    img = 0.5 * _noise(size, 4, gen) + 0.25 * _noise(size, size // 4, gen) + 0.1 * torch.randn(3, size, size,
-                                                                                                generator=gen)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=gen, device="cpu").item()  # noqa: E731
+    img = 0.5 * _noise(size, 4, gen) + 0.25 * _noise(size, size // 4, gen) + 0.1 * torch.randn(
+        3, size, size, generator=gen, device="cpu").to(torch.get_default_device())
     label = torch.zeros(size, size, dtype=torch.long)
     py, px = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                             indexing="ij")
-    for _ in range(int(torch.randint(2, 6, (), generator=gen))):
-        cls = int(torch.randint(1, len(CLASSES), (), generator=gen))
+    for _ in range(int(torch.randint(2, 6, (), generator=gen, device="cpu"))):
+        cls = int(torch.randint(1, len(CLASSES), (), generator=gen, device="cpu"))
         width = u(1.0, 3.0)
         if cls == 1:  # ring
             r = u(3, size / 4)
@@ -101,12 +101,12 @@ def render(size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
             ang, length = u(0, math.pi), u(size / 3, size)
             d = _segment_distance(py, px, a, (a[0] + length * math.sin(ang), a[1] + length * math.cos(ang)))
         else:  # triangle or quadrilateral outline, jittered vertices
-            n, r, rot = int(torch.randint(3, 5, (), generator=gen)), u(5, size / 4), u(0, 2 * math.pi)
+            n, r, rot = int(torch.randint(3, 5, (), generator=gen, device="cpu")), u(5, size / 4), u(0, 2 * math.pi)
             cy, cx = u(0, size), u(0, size)
             angles = [rot + 2 * math.pi * (i + u(-0.15, 0.15)) / n for i in range(n)]
             pts = [(cy + r * math.sin(t), cx + r * math.cos(t)) for t in angles]
             d = torch.stack([_segment_distance(py, px, pts[i], pts[(i + 1) % n]) for i in range(n)]).amin(0)
-        colour = torch.rand(3, 1, 1, generator=gen) * 2 - 1
+        colour = torch.rand(3, 1, 1, generator=gen, device="cpu").to(torch.get_default_device()) * 2 - 1
         colour = colour + 0.5 * colour.sign()  # away from the background's mean
         alpha = (width / 2 + 0.5 - d).clamp(0, 1)  # anti-aliased stroke
         img = img * (1 - alpha) + colour * alpha
@@ -139,10 +139,10 @@ class Outlines:
     def batches(self, seed: int, batch: int):
         xtr, ytr = self.train
         order = torch.Generator().manual_seed(seed)
-        perm, pos = torch.randperm(len(xtr), generator=order), 0
+        perm, pos = torch.randperm(len(xtr), generator=order, device="cpu").to(xtr.device), 0
         while True:
             if pos + batch > len(perm):
-                perm, pos = torch.randperm(len(xtr), generator=order), 0
+                perm, pos = torch.randperm(len(xtr), generator=order, device="cpu").to(xtr.device), 0
             idx = perm[pos:pos + batch]
             pos += batch
             yield xtr[idx], ytr[idx]
@@ -249,9 +249,10 @@ class Nuclei:
         gen = torch.Generator().manual_seed(seed)
         s, (h, w) = self.size, self.label.shape
         while True:
-            ys = torch.randint(0, h - s + 1, (batch,), generator=gen)
-            xs = torch.randint(0, w - s + 1, (batch,), generator=gen)
-            rot, flip = torch.randint(0, 4, (batch,), generator=gen), torch.randint(0, 2, (batch,), generator=gen)
+            ys = torch.randint(0, h - s + 1, (batch,), generator=gen, device="cpu")
+            xs = torch.randint(0, w - s + 1, (batch,), generator=gen, device="cpu")
+            rot = torch.randint(0, 4, (batch,), generator=gen, device="cpu")
+            flip = torch.randint(0, 2, (batch,), generator=gen, device="cpu")
             crops = []
             for y0, x0, k, f in zip(ys.tolist(), xs.tolist(), rot.tolist(), flip.tolist()):
                 x = self.image[:, y0:y0 + s, x0:x0 + s]

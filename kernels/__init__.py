@@ -1,6 +1,6 @@
 """Triton kernels for local sampling upsamplers (LDA-AQU, CARAFE, DySample, interpolation) and their launchers."""
 
-__all__ = ["INTERPRET", "KERNEL_VERSION", "Config", "Problem", "Spec", "default_config", "upsample_bwd",
+__all__ = ["INTERPRET", "Config", "Problem", "Spec", "default_config", "upsample_bwd",
            "upsample_fwd"]
 
 

@@ -1,6 +1,7 @@
 """Launchers for the local upsampling kernels: shapes in, tensors out, no autograd."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple, Optional
 
@@ -9,12 +10,15 @@ import triton
 import triton.language as tl
 
 from .layout import acc_dtype, segments
-from .local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_fwd_kernel
+from .local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_drpb_kernel, upsample_fwd_kernel
 
 # kernels are decorated at import: the interpreter is on only if it was on then
 INTERPRET = bool(triton.knobs.runtime.interpret)
-# bumped whenever a kernel change invalidates tuned configurations
-KERNEL_VERSION = 2
+# CUDA's limit on grid y and z; grid x takes 2**31 - 1
+MAX_GRID_YZ = 65535
+MAX_GRID_X = 2**31 - 1
+# partial sums that the atomic backward's drpb is spread over (contention against scratch)
+DRPB_SLOTS = 256
 WEIGHTS = {"attention": 0, "logits": 1, "weights": 2, "unit": 3}
 COORDS = {"align_corners": 0, "half_pixel": 1, "nearest": 2}
 
@@ -113,8 +117,22 @@ def _channels_last(x: Optional[torch.Tensor], cfg: Config):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def _grid(pb: Problem, cfg: Config):
-    return (triton.cdiv(pb.Ho * pb.Wo, cfg.block_p), pb.B)
+def _on_device(t: torch.Tensor):
+    """Launch on t's device and its current stream: Triton launches on the current device's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _batches(B: int, per: int = MAX_GRID_YZ):
+    """The batch in launches of at most `per` elements (the grid dimension it sits in)."""
+    return [slice(b, min(b + per, B)) for b in range(0, B, max(per, 1))] or [slice(0, 0)]
+
+
+def _rows(rows: slice, *tensors: Optional[torch.Tensor]):
+    return [t[rows] if t is not None else None for t in tensors]
+
+
+def _grid(pb: Problem, cfg: Config, rows: slice):
+    return (triton.cdiv(pb.Ho * pb.Wo, cfg.block_p), rows.stop - rows.start)
 
 
 def _constexprs(pb: Problem, spec: Spec, cfg: Config, dtype: torch.dtype, has_off: bool, has_rpb: bool,
@@ -156,15 +174,20 @@ def upsample_fwd(v, size, spec: Spec, offset=None, q=None, k=None, rpb=None, wts
     need_attn = need_attn and spec.weights in ("attention", "logits")
     attn = torch.empty(pb.B, pb.NH, pb.K, pb.Ho, pb.Wo, dtype=acc_t, device=v.device) if need_attn else None
     int64 = force_int64 or _needs_int64(q, k, v, offset, wts, out, attn)
-    upsample_fwd_kernel[_grid(pb, cfg)](
-        q if q is not None else v, k if k is not None else v, v, offset if offset is not None else v,
-        rpb.contiguous() if rpb is not None else v, wts if wts is not None else v, out,
-        attn if attn is not None else out,
-        *_strides(q), *_strides(k), *v.stride(), offset.stride(0) if offset is not None else 0,
-        wts.stride(0) if wts is not None else 0,
-        pb.H, pb.W, pb.Ho, pb.Wo, P, spec.scale,
-        STORE_ATTN=need_attn, FLAT_Q=_flat(q), **_constexprs(pb, spec, cfg, v.dtype, offset is not None, rpb is not None, int64),
-    )
+    rpb = rpb.contiguous() if rpb is not None else None
+    with _on_device(v):
+        for rows in _batches(pb.B):
+            q_b, k_b, v_b, off_b, wts_b, out_b, attn_b = _rows(rows, q, k, v, offset, wts, out, attn)
+            upsample_fwd_kernel[_grid(pb, cfg, rows)](
+                q_b if q is not None else v_b, k_b if k is not None else v_b, v_b, off_b if off_b is not None else v_b,
+                rpb if rpb is not None else v_b, wts_b if wts_b is not None else v_b, out_b,
+                attn_b if attn_b is not None else out_b,
+                *_strides(q), *_strides(k), *v.stride(), offset.stride(0) if offset is not None else 0,
+                wts.stride(0) if wts is not None else 0,
+                pb.H, pb.W, pb.Ho, pb.Wo, P, spec.scale,
+                STORE_ATTN=need_attn, FLAT_Q=_flat(q),
+                **_constexprs(pb, spec, cfg, v.dtype, offset is not None, rpb is not None, int64),
+            )
     return out, attn
 
 
@@ -184,13 +207,14 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     acc_t, acc_tl = _acc(v.dtype)
     dev = v.device
     P = pb.Ho * pb.Wo
-    grid = _grid(pb, cfg)
     attention = spec.weights == "attention"
     saved = attn if spec.weights in ("attention", "logits") else wts.contiguous() if wts is not None else None
     dq = torch.empty_like(q_in) if attention else None
     doff = torch.empty(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=acc_t, device=dev) if offset is not None else None
-    drpb = torch.empty(grid[0] * grid[1], pb.NH, pb.K, pb.D // pb.NH, dtype=acc_t, device=dev) \
-        if rpb is not None else None
+    n_programs = triton.cdiv(P, cfg.block_p) * pb.B
+    # atomic: partial sums over a bounded number of slots; deterministic: upsample_drpb_kernel's
+    drpb = torch.zeros(min(DRPB_SLOTS, n_programs), pb.NH, pb.K, pb.D // pb.NH, dtype=acc_t, device=dev) \
+        if rpb is not None and not deterministic else None
     dwts = torch.empty(pb.B, pb.NH, pb.K, P, dtype=acc_t, device=dev) \
         if wts is not None or (attention and deterministic) else None
     # channels-last accumulators: a corner's atomics hit one contiguous run
@@ -202,21 +226,30 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     tgt = torch.full((pb.B, pb.G, pb.K, 4, P), -1, dtype=torch.int32, device=dev) if deterministic else None
     cw = torch.empty(pb.B, pb.G, pb.K, 4, P, dtype=acc_t, device=dev) if deterministic else None
     int64 = force_int64 or _needs_int64(q, k, v, off_c, dout, dq, dk, dv, doff, saved, tgt)
-    dummy = dv
-    upsample_bwd_kernel[grid](
-        q if q is not None else dummy, k if k is not None else dummy, v, off_c if off_c is not None else dummy,
-        rpb.contiguous() if rpb is not None else dummy, saved if saved is not None else dummy, dout,
-        dq if dq is not None else dummy, dk if dk is not None else dummy, dv,
-        doff if doff is not None else dummy, drpb if drpb is not None else dummy,
-        dwts if dwts is not None else dummy, tgt if tgt is not None else dummy, cw if cw is not None else dummy,
-        *_strides(q), *_strides(k), *v.stride(), off_c.stride(0) if off_c is not None else 0,
-        *dout.stride(), *_strides(dk), *dv.stride(), *_strides(dq),
-        pb.H, pb.W, pb.Ho, pb.Wo, P, spec.scale,
-        ATOMIC=not deterministic, FLAT_Q=_flat(q, dq), FLAT_DO=_flat(dout),
-        **_constexprs(pb, spec, cfg, v.dtype, offset is not None, rpb is not None, int64),
-    )
-    if deterministic:
-        dk, dv = _kv_grad_deterministic(pb, cfg, q, dout, tgt, cw, saved, dwts, acc_t, acc_tl)
+    rpb_c = rpb.contiguous() if rpb is not None else None
+    with _on_device(v):
+        for rows in _batches(pb.B):
+            q_b, k_b, v_b, off_b, saved_b, dout_b, dq_b, dk_b, dv_b, doff_b, dwts_b, tgt_b, cw_b = _rows(
+                rows, q, k, v, off_c, saved, dout, dq, dk, dv, doff, dwts, tgt, cw)
+            dummy = dv_b
+            upsample_bwd_kernel[_grid(pb, cfg, rows)](
+                q_b if q is not None else dummy, k_b if k is not None else dummy, v_b,
+                off_b if off_b is not None else dummy, rpb_c if rpb_c is not None else dummy,
+                saved_b if saved_b is not None else dummy, dout_b,
+                dq_b if dq_b is not None else dummy, dk_b if dk_b is not None else dummy, dv_b,
+                doff_b if doff_b is not None else dummy, drpb if drpb is not None else dummy,
+                dwts_b if dwts_b is not None else dummy, tgt_b if tgt_b is not None else dummy,
+                cw_b if cw_b is not None else dummy,
+                *_strides(q), *_strides(k), *v.stride(), off_c.stride(0) if off_c is not None else 0,
+                *dout.stride(), *_strides(dk), *dv.stride(), *_strides(dq),
+                pb.H, pb.W, pb.Ho, pb.Wo, P, spec.scale, drpb.shape[0] if drpb is not None else 1,
+                ATOMIC=not deterministic, FLAT_Q=_flat(q, dq), FLAT_DO=_flat(dout),
+                **_constexprs(pb, spec, cfg, v.dtype, offset is not None, rpb is not None, int64),
+            )
+        if deterministic:
+            dk, dv = _kv_grad_deterministic(pb, cfg, q, dout, tgt, cw, saved, dwts, acc_t, acc_tl, int64)
+            if rpb is not None:
+                drpb = _drpb_deterministic(pb, q, dwts, acc_t, acc_tl)
     # one pass each from the accumulators into the inputs' dtype and memory layout
     return (torch.empty_like(v_in).copy_(dv),
             torch.empty_like(offset).copy_(doff) if offset is not None else None,
@@ -226,34 +259,56 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
             torch.empty_like(wts).copy_(dwts.view(wts.shape)) if wts is not None else None)
 
 
-def _kv_grad_deterministic(pb: Problem, cfg: Config, q, dout, tgt, cw, saved, ds, acc_t, acc_tl):
+def _drpb_deterministic(pb: Problem, q, ds, acc_t, acc_tl):
+    """drpb's partial sums over a bounded number of slots, each summed in a fixed order."""
+    if not _flat(q):
+        q = q.contiguous()
+    P = pb.Ho * pb.Wo
+    DH = pb.D // pb.NH
+    block_p, block_d = (128, triton.next_power_of_2(DH)) if INTERPRET else (64, min(32, triton.next_power_of_2(DH)))
+    units = pb.B * triton.cdiv(P, block_p)
+    slots = min(DRPB_SLOTS, units)
+    per_slot = triton.cdiv(units, slots)
+    slots = triton.cdiv(units, per_slot)
+    part = torch.empty(slots, pb.NH, pb.K, DH, dtype=acc_t, device=q.device)
+    upsample_drpb_kernel[(pb.NH * pb.K, triton.cdiv(DH, block_d), slots)](
+        ds, q, part, q.stride(0), q.stride(1), q.stride(3), pb.B, P, triton.cdiv(P, block_p), per_slot,
+        NH=pb.NH, K=pb.K, DH=DH, BLOCK_P=block_p, BLOCK_D=block_d, ACC=acc_tl, num_warps=4,
+    )
+    return part
+
+
+def _kv_grad_deterministic(pb: Problem, cfg: Config, q, dout, tgt, cw, saved, ds, acc_t, acc_tl, int64):
     """dk and dv summed per input pixel in a fixed order from the corner records of the backward kernel."""
     HW, P = pb.H * pb.W, pb.Ho * pb.Wo
     dev = dout.device
-    valid = tgt >= 0
+    n_rows = pb.B * pb.G * HW
     bg = torch.arange(pb.B * pb.G, device=dev).view(pb.B, pb.G, 1, 1, 1)
-    key = (bg * HW + tgt)[valid]
+    # corners outside the map sort after every pixel; no data-dependent shapes, so that the launch can
+    # also be recorded on meta tensors
+    key = torch.where(tgt >= 0, bg * HW + tgt, n_rows).reshape(-1)
     # a stable sort keeps (n, corner, p) order within each input pixel: the sum order is fixed
-    key, order = torch.sort(key, stable=True)
-    src = torch.nonzero(valid.reshape(-1)).squeeze(1)[order]
+    key, src = torch.sort(key, stable=True)
     src_p = (src % P).to(torch.int32)
     src_n = (src // (4 * P) % pb.K).to(torch.int32)
     src_w = cw.reshape(-1)[src]
-    row_ptr = torch.zeros(pb.B * pb.G * HW + 1, dtype=torch.int64, device=dev)
-    row_ptr[1:] = torch.cumsum(torch.bincount(key, minlength=pb.B * pb.G * HW), 0)
+    row_ptr = torch.searchsorted(key, torch.arange(n_rows + 1, device=dev))
     attention = pb.weights == "attention"
     q = q.contiguous() if attention else dout
     dout = dout.contiguous()
     dk = torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=acc_t, device=dev) if attention else None
     dv = torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=acc_t, device=dev)
-    upsample_bwd_gather_kernel[(pb.B * pb.G * HW,)](
-        row_ptr, src_p, src_n, src_w, q, dout, saved if saved is not None else dv, ds if ds is not None else dv,
-        dk if dk is not None else dv, dv,
-        q.stride(0), q.stride(1), dout.stride(0), dout.stride(1),
-        HW, P,
-        D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K, HAS_W=pb.weights != "unit", HAS_K=attention,
-        BLOCK_E=64 if INTERPRET else 32,
-        BLOCK_D=min(cfg.block_d * 2, triton.next_power_of_2(max(pb.D // pb.G, 1))),
-        BLOCK_C=min(cfg.block_c * 2, triton.next_power_of_2(pb.C // pb.G)), ACC=acc_tl,
-    )
+    per = pb.G * HW
+    for rows in _batches(pb.B, MAX_GRID_X // per):
+        q_b, dout_b, saved_b, ds_b, dk_b, dv_b = _rows(rows, q, dout, saved, ds, dk, dv)
+        upsample_bwd_gather_kernel[((rows.stop - rows.start) * per,)](
+            row_ptr[rows.start * per:], src_p, src_n, src_w, q_b, dout_b, saved_b if saved is not None else dv_b,
+            ds_b if ds is not None else dv_b, dk_b if dk is not None else dv_b, dv_b,
+            q.stride(0), q.stride(1), dout.stride(0), dout.stride(1),
+            HW, P,
+            D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K, HAS_W=pb.weights != "unit", HAS_K=attention,
+            BLOCK_E=64 if INTERPRET else 32,
+            BLOCK_D=min(cfg.block_d * 2, triton.next_power_of_2(max(pb.D // pb.G, 1))),
+            BLOCK_C=min(cfg.block_c * 2, triton.next_power_of_2(pb.C // pb.G)), INT64=int64, ACC=acc_tl,
+        )
     return dk, dv

@@ -325,7 +325,7 @@ def upsample_fwd_kernel(
                          mask=m_p[:, None] & m_c[None, :])
 
 
-@triton.jit(do_not_specialize=["H", "W", "Ho", "Wo"])
+@triton.jit(do_not_specialize=["H", "W", "Ho", "Wo", "n_slots"])
 def upsample_bwd_kernel(
     q, k, v, off, rpb, attn, dout, dq, dk, dv, doff, drpb, dwts, tgt, cw,
     s_qb, s_qc, s_qy, s_qx,
@@ -336,7 +336,7 @@ def upsample_bwd_kernel(
     s_dkb, s_dkc, s_dky, s_dkx,
     s_dvb, s_dvc, s_dvy, s_dvx,
     s_dqb, s_dqc, s_dqy, s_dqx,
-    H, W, Ho, Wo, P, scale,
+    H, W, Ho, Wo, P, scale, n_slots,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     NH_PAD: tl.constexpr, K_PAD: tl.constexpr, GRID: tl.constexpr, COORD: tl.constexpr, BORDER: tl.constexpr,
     WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -345,7 +345,8 @@ def upsample_bwd_kernel(
 ):
     """Gradients of upsample_fwd_kernel from its saved weights attn [B, NH, K, P] (the softmax, or
     the given weights; unused for UNIT). dq [B, D, Ho, Wo] (any strides), doff [B, G*2K, P] (accumulation dtype),
-    drpb [B * n_tiles, NH, K, D//NH] per-program partial sums, dwts [B, NH, K, P] (the gradient of
+    drpb [n_slots, NH, K, D//NH] partial sums (zeroed; ATOMIC only: the deterministic backward sums it in
+    upsample_drpb_kernel from dwts), dwts [B, NH, K, P] (the gradient of
     the logits or of the given weights; for ATTENTION, that of the logits, which the deterministic
     gather needs). With ATOMIC, dk and dv (accumulation dtype, zeroed) receive atomic scatters;
     without, every corner read is recorded instead in tgt (input pixel, -1 if outside) and cw (its
@@ -448,7 +449,9 @@ def upsample_bwd_kernel(
         dk += i_b * s_dkb
         dq += i_b * s_dqb
         o_dqp = _pixel_offsets(o_p, o_y, o_x, s_dqy, s_dqx, FLAT_Q)
-        i_t = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        # programs share n_slots partial sums, so that the scratch stays K * D per slot whatever the
+        # output size; neighbouring tiles land on different slots
+        i_s = (tl.program_id(0) + tl.program_id(1)) % n_slots
         for g in tl.static_range(G):
             p_doff = doff + (g * K + o_n[None, :]) * 2 * P + o_p[:, None]
             m_doff = m_p[:, None] & (o_n < K)[None, :]
@@ -476,7 +479,9 @@ def upsample_bwd_kernel(
                         if HAS_RPB:
                             o_r = (h * K + n) * DH + o_d - h * DH
                             b_k += tl.load(rpb + o_r, mask=m_d, other=0.).to(ACC)[None, :]
-                            tl.store(drpb + i_t * NH * K * DH + o_r, tl.sum(b_g, axis=0), mask=m_d)
+                            if ATOMIC:
+                                tl.atomic_add(drpb + i_s * NH * K * DH + o_r, tl.sum(b_g, axis=0), mask=m_d,
+                                              sem="relaxed")
                         b_dq += b_dsn[:, None] * b_k
                         if ATOMIC:
                             _scatter4(dk, y0, x0, o_d * s_dkc, m_d, s_dky, s_dkx, m_y0, m_y1, m_x0, m_x1,
@@ -495,7 +500,8 @@ def upsample_bwd_kernel(
 @triton.jit
 def _fixed_order_sum(grad, p_w, src_p, src_n, src_w, x, s_xc, e_lo, e_hi, i_b, i_g, i_t, HW, P,
                      CH: tl.constexpr, CG: tl.constexpr, C: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
-                     HAS_W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+                     HAS_W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+                     ACC: tl.constexpr):
     """grad[b, c, t] = sum over entries e of src_w[e] * w[b, head(c), src_n[e], src_p[e]] * x[b, c, src_p[e]]
     for the CG channels of group i_g, entries in order. w is the attention or the given weights (for
     dv; 1 without HAS_W) or the softmax gradient (for dk); x is dout or q."""
@@ -515,6 +521,8 @@ def _fixed_order_sum(grad, p_w, src_p, src_n, src_w, x, s_xc, e_lo, e_hi, i_b, i
             b_x = tl.load(x + o_c[None, :] * s_xc + b_p[:, None], mask=m, other=0.).to(ACC)
             if HAS_W:
                 b_n = tl.load(src_n + o_e, mask=m_e, other=0)
+                if INT64:  # (n * P + p) of a [K, P] weight plane past 2**31
+                    b_n = b_n.to(tl.int64)
                 b_x *= tl.load(p_w + ((o_c // CH) * K)[None, :] * P + (b_n * P + b_p)[:, None], mask=m, other=0.)
             b_acc += tl.sum(b_sw[:, None] * b_x, axis=0)
         tl.store(grad + (i_b * C + o_c) * HW + i_t, b_acc, mask=m_c)
@@ -527,12 +535,13 @@ def upsample_bwd_gather_kernel(
     HW, P,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     HAS_W: tl.constexpr, HAS_K: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
 ):
     """Deterministic dk/dv: one program per (batch, group, input pixel) sums every (output pixel,
     neighbour, corner) that sampled it, BLOCK_E at a time in a fixed order. row_ptr [B*G*HW + 1]
     indexes src_* sorted by target. dk [B, D, HW], dv [B, C, HW]; q [B, D, P] and dout [B, C, P]
-    with pixel stride 1. Channel offsets are int64: this path is not the hot one."""
+    with pixel stride 1. Channel offsets are int64: this path is not the hot one; INT64 widens the
+    weight planes' offsets too."""
     i_r = tl.program_id(0)
     i_t = i_r % HW
     i_g = (i_r // HW) % G
@@ -540,7 +549,38 @@ def upsample_bwd_gather_kernel(
     e_lo = tl.load(row_ptr + i_r)
     e_hi = tl.load(row_ptr + i_r + 1)
     _fixed_order_sum(dv, attn, src_p, src_n, src_w, dout + i_b * s_dob, s_doc, e_lo, e_hi, i_b, i_g, i_t, HW, P,
-                     C // NH, C // G, C, NH, K, HAS_W, BLOCK_E, BLOCK_C, ACC)
+                     C // NH, C // G, C, NH, K, HAS_W, BLOCK_E, BLOCK_C, INT64, ACC)
     if HAS_K:
         _fixed_order_sum(dk, ds, src_p, src_n, src_w, q + i_b * s_qb, s_qc, e_lo, e_hi, i_b, i_g, i_t, HW, P,
-                         D // NH, D // G, D, NH, K, True, BLOCK_E, BLOCK_D, ACC)
+                         D // NH, D // G, D, NH, K, True, BLOCK_E, BLOCK_D, INT64, ACC)
+
+
+@triton.jit
+def upsample_drpb_kernel(
+    ds, q, part, s_qb, s_qc, s_qp, B, P, n_pt, per_slot,
+    NH: tl.constexpr, K: tl.constexpr, DH: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Deterministic drpb: part[s, h, n, d] = sum of ds[b, h, n, p] * q[b, h*DH + d, p] over the
+    per_slot (batch, pixel tile) units of slot s, summed in a fixed order (the caller sums the slots).
+    ds [B, NH, K, P] is the scaled softmax gradient, q [B, NH*DH, P] with pixel stride s_qp."""
+    i_hn = tl.program_id(0)
+    i_d = tl.program_id(1)
+    i_s = tl.program_id(2)
+    h = i_hn // K
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < DH
+    b_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
+    u_lo = i_s.to(tl.int64) * per_slot
+    u_hi = tl.minimum(u_lo + per_slot, B.to(tl.int64) * n_pt)
+    for u in range(u_lo, u_hi):
+        i_b = u // n_pt
+        o_p = (u % n_pt) * BLOCK_P + tl.arange(0, BLOCK_P)
+        m_p = o_p < P
+        # [BLOCK_P]
+        b_ds = tl.load(ds + (i_b * NH * K + i_hn) * P + o_p, mask=m_p, other=0.).to(ACC)
+        # [BLOCK_P, BLOCK_D]
+        b_q = tl.load(q + i_b * s_qb + (h * DH + o_d)[None, :] * s_qc + o_p[:, None] * s_qp,
+                      mask=m_p[:, None] & m_d[None, :], other=0.).to(ACC)
+        b_acc += b_ds[:, None] * b_q
+    tl.store(part + (i_s * NH * K + i_hn) * DH + o_d, tl.sum(b_acc, axis=0), mask=m_d)

@@ -15,6 +15,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
+# torch.device(...) as a context (and set_default_device) moves factory calls found in a set that is built
+# once, on first use; built after the patch below it would hold the patched torch.empty, which then makes
+# its tensors on the CPU whatever the context says. Build it now, with the real one.
+try:
+    from torch.utils._device import _device_constructors
+    _device_constructors()
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):

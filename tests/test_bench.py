@@ -205,7 +205,8 @@ def test_one_point_end_to_end(tmp_path):
     assert {(x["k_u"], x["scale"], x["B"], x["C"], x["H"], x["W"]) for x in ours} == {("5", "3.0", "1", "48", "20", "24")}
     assert sorted(x["direction"] for x in ours) == ["fwd", "fwd+bwd"]
     timed = [x for x in rows if x["case"] != "memory"]
-    assert {x["backend"] for x in timed} == {"LDAAQU", "official-style", "CARAFE", "unfold", "DySample", "grid_sample"}
+    assert {x["backend"] for x in timed} == {"LDAAQU", "official-style", "CARAFE", "unfold", "DySample", "grid_sample",
+                                          "SAPA", "SAPADeform", "FADE"}
     for x in timed:
         assert x["status"] == "ok" and x["device"].startswith("CPU") and x["threads"] == "1"
         assert 0 < float(x["ms"]) <= float(x["ms_median"]) <= float(x["ms_max"]) and int(x["reps"]) >= 3

@@ -70,7 +70,9 @@ def show(r):
 @pytest.mark.parametrize("job", JOBS, ids=name)
 def test_default_configs_compile_without_spills(job, reports):
     found = reports[job]
-    assert len(found) == (2 if job.direction == "fwd" or job.deterministic else 1), found
+    # fwd: inference and training; deterministic bwd: the backward, the gather and (with rpb) drpb's sum
+    expect = 2 if job.direction == "fwd" else 1 + job.deterministic * (1 + (job.pb.weights == "attention"))
+    assert len(found) == expect, found
     for r in found:
         assert r.error is None and r.registers > 0, show(r)
     if job.cc == 90:

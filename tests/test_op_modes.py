@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import fresh_seed, rel_err, seeded_randn
+from kernels.launchers import Config
 from upsampler import local_upsample
 
 # name: (mode, coords, padding, offsets?, kernel_size, G, nh, K); C=8, 5x7 -> 10x13
@@ -16,9 +17,9 @@ MODES = {
 }
 
 
-def problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dtype=torch.float64):
+def problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dtype=torch.float64, small=False):
     g = torch.Generator().manual_seed(seed)
-    B, C, D, H, W, Ho, Wo = 2, 8, 8, 5, 7, 10, 13
+    B, C, D, H, W, Ho, Wo = (2, 8, 8, 3, 4, 6, 7) if small else (2, 8, 8, 5, 7, 10, 13)
 
     def randn(*shape, s=1.0):
         return (seeded_randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
@@ -47,21 +48,66 @@ def run(t, kw, size, backend, dout, deterministic=False):
     return out, {n: x.grad for n, x in leaves.items()}
 
 
+@pytest.fixture
+def force_int64(monkeypatch):
+    """Every launch addresses in 64 bits, as past 2**31 elements: the INT64 paths on small problems."""
+    import kernels.launchers as L
+    needs = L._needs_int64
+    state = {"on": False}
+    monkeypatch.setattr(L, "_needs_int64", lambda *t: state["on"] or needs(*t))
+    return state
+
+
 @pytest.mark.parametrize("name", list(MODES))
-def test_mode_matches_reference_and_is_deterministic(name):
+def test_mode_matches_reference_and_is_deterministic(name, force_int64):
+    """The forward and both backwards against the reference, the atomic one and one deterministic one
+    with 64-bit indices (forward, backward, gather and drpb kernels); the deterministic backward in
+    int32 repeats the int64 one bit for bit (index width changes no arithmetic)."""
     seed = fresh_seed()
-    t, kw, size = problem(*MODES[name], seed=seed)
+    t, kw, size = problem(*MODES[name], seed=seed, small=True)
     dout = seeded_randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    out, grads = run(t, kw, size, "triton", dout)
     ref, ref_grads = run(t, kw, size, "reference", dout)
+    force_int64["on"] = True
+    out, grads = run(t, kw, size, "triton", dout)
     assert rel_err(out, ref) < 1e-12, f"seed={seed}"
     for n in grads:
         assert rel_err(grads[n], ref_grads[n]) < 1e-10, f"d{n}, seed={seed}"
     first = run(t, kw, size, "triton", dout, deterministic=True)[1]
+    force_int64["on"] = False
     second = run(t, kw, size, "triton", dout, deterministic=True)[1]
     for n in grads:
         assert torch.equal(first[n], second[n]), f"d{n} differs between runs, seed={seed}"
         assert rel_err(first[n], ref_grads[n]) < 1e-10, f"d{n}, seed={seed}"
+
+
+# configurations a sweep may pick, unlike the defaults: channel loops of several chunks (segments of 4
+# channels here, or 2 where heads split the groups), the last chunk masked, strided (not channels-last)
+# copies, narrow pixel tiles, 8 and 2 warps
+CONFIGS = {
+    "logits, nearest, window (CARAFE)": Config(block_p=16, block_d=2, block_c=2, num_warps=8, channels_last=False),
+    "unit, half-pixel, border, offsets (DySample)": Config(block_p=32, block_d=2, block_c=2, num_warps=2),
+    "given weights, half-pixel, border, offsets": Config(block_p=16, block_d=2, block_c=1, num_warps=8,
+                                                          channels_last=False),
+    "attention, nearest, window": Config(block_p=16, block_d=2, block_c=2, num_warps=8, channels_last=False),
+    "attention, align-corners, border, window + offsets": Config(block_p=32, block_d=2, block_c=4, num_warps=8,
+                                                                 num_stages=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_non_default_configs_compute_the_same(name, monkeypatch):
+    """Forward and both backwards of each mode under a configuration the defaults never use."""
+    import upsampler.function as Fn
+    monkeypatch.setattr(Fn, "_config", lambda *a, **k: CONFIGS[name])
+    seed = fresh_seed()
+    t, kw, size = problem(*MODES[name], seed=seed, small=True)
+    dout = seeded_randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ref, ref_grads = run(t, kw, size, "reference", dout)
+    for deterministic in (False, True):
+        out, grads = run(t, kw, size, "triton", dout, deterministic=deterministic)
+        assert rel_err(out, ref) < 1e-12, f"seed={seed}"
+        for n in grads:
+            assert rel_err(grads[n], ref_grads[n]) < 1e-10, f"d{n}, deterministic={deterministic}, seed={seed}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
