@@ -124,7 +124,7 @@ def _on_device(t: torch.Tensor):
 
 def _batches(B: int, per: int = MAX_GRID_YZ):
     """The batch in launches of at most `per` elements (the grid dimension it sits in)."""
-    return [slice(b, min(b + per, B)) for b in range(0, B, max(per, 1))] or [slice(0, 0)]
+    return [slice(b, min(b + per, B)) for b in range(0, B, max(per, 1))]  # none for an empty batch
 
 
 def _rows(rows: slice, *tensors: Optional[torch.Tensor]):
@@ -267,9 +267,8 @@ def _drpb_deterministic(pb: Problem, q, ds, acc_t, acc_tl):
     DH = pb.D // pb.NH
     block_p, block_d = (128, triton.next_power_of_2(DH)) if INTERPRET else (64, min(32, triton.next_power_of_2(DH)))
     units = pb.B * triton.cdiv(P, block_p)
-    slots = min(DRPB_SLOTS, units)
-    per_slot = triton.cdiv(units, slots)
-    slots = triton.cdiv(units, per_slot)
+    per_slot = max(1, triton.cdiv(units, DRPB_SLOTS))
+    slots = max(1, triton.cdiv(units, per_slot))  # one, of zeros, for an empty batch
     part = torch.empty(slots, pb.NH, pb.K, DH, dtype=acc_t, device=q.device)
     upsample_drpb_kernel[(pb.NH * pb.K, triton.cdiv(DH, block_d), slots)](
         ds, q, part, q.stride(0), q.stride(1), q.stride(3), pb.B, P, triton.cdiv(P, block_p), per_slot,

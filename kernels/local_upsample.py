@@ -555,7 +555,7 @@ def upsample_bwd_gather_kernel(
                          D // NH, D // G, D, NH, K, True, BLOCK_E, BLOCK_D, INT64, ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "P", "n_pt", "per_slot"])  # B = 1 must stay a tensor: .to() below
 def upsample_drpb_kernel(
     ds, q, part, s_qb, s_qc, s_qp, B, P, n_pt, per_slot,
     NH: tl.constexpr, K: tl.constexpr, DH: tl.constexpr,

@@ -50,6 +50,9 @@ def forward_backward(f, m, x, dout):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("build", [lda_aqu, carafe, dysample], ids=lambda f: f.__name__)
 def test_compiled_module_matches_eager(build, backend):
+    if backend == "triton" and build is not lda_aqu and not torch.cuda.is_available():
+        # the same custom ops as LDA-AQU's; through the interpreter a compile costs a minute here
+        pytest.skip("CARAFE and DySample compile through Triton on a GPU only")
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     torch._dynamo.reset()  # each case gets its own compilations, not the leftovers of another test
@@ -58,7 +61,8 @@ def test_compiled_module_matches_eager(build, backend):
     # module's float attributes arrive as symbolic floats); the Triton path with the default, which
     # compiles the first size static and the second dynamic. Each Inductor compile costs ~20-60 s here.
     compiled = torch.compile(m, fullgraph=True, dynamic=True if backend == "torch" else None)
-    for H, W in SIZES:
+    # the torch path's dynamic graph specialises each size's conv backward: two sizes show it
+    for H, W in SIZES if backend == "triton" else SIZES[:2]:
         x = seeded_randn(2, 16, H, W, generator=gen, dtype=torch.float64)
         dout = seeded_randn(2, 16, 2 * H, 2 * W, generator=gen, dtype=torch.float64)
         eager, comp = forward_backward(m, m, x, dout), forward_backward(compiled, m, x, dout)
