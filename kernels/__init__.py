@@ -1,4 +1,5 @@
-"""Triton kernels for local sampling upsamplers (LDA-AQU, CARAFE, DySample, interpolation) and their launchers."""
+"""Triton kernels for local sampling upsamplers (LDA-AQU, CARAFE, DySample, interpolation) and their launchers;
+`kernels.cpu`: the same op's native CPU kernels (C++, built on first use)."""
 
 __all__ = ["INTERPRET", "Config", "Problem", "Spec", "default_config", "upsample_bwd",
            "upsample_fwd"]

@@ -209,21 +209,26 @@ def test_autocast_bf16():
 
 @pytest.mark.parametrize("size,out", [((5, 7), (10, 14)), ((4, 6), (6, 9)), ((7, 5), (3, 2)), ((1, 4), (1, 8)),
                                       ((6, 1), (1, 5)), ((3, 4), (17, 16))])
-def test_upsample_backward_is_interpolates(size, out):
-    """The module's bilinear upsampling of q (its own backward, for torch.compile) against F.interpolate
-    under autograd: up, non-integer, down, one-pixel; float64, and bfloat16 with fp32 sums."""
+def test_upsample_backward_is_interpolates(size, out, monkeypatch):
+    """The module's bilinear upsampling of q (its own backward: ATen's kernel in eager, the gather form
+    under torch.compile) against F.interpolate under autograd: up, non-integer, down, one-pixel;
+    float64, and bfloat16 with fp32 sums."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     for dtype, tol in ((torch.float64, 1e-12), (torch.bfloat16, 1e-2)):
         x = seeded_randn(2, 3, *size, generator=g).to(dtype)
         dout = seeded_randn(2, 3, *out, generator=g).to(dtype)
         grads = []
-        for f in (BilinearAlignCorners.apply, lambda t, s: F.interpolate(t, s, mode="bilinear", align_corners=True)):
+        for compiling in (False, True, None):
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: bool(c))
             t = x.clone().requires_grad_(True)
-            f(t, out).backward(dout)
+            if compiling is None:
+                F.interpolate(t, out, mode="bilinear", align_corners=True).backward(dout)
+            else:
+                BilinearAlignCorners.apply(t, out).backward(dout)
             grads.append(t.grad)
-        assert grads[0].dtype == dtype
-        assert rel_err(grads[0], grads[1]) < tol, f"{dtype}, seed={seed}"
+        assert grads[0].dtype == grads[1].dtype == dtype
+        assert rel_err(grads[0], grads[2]) < tol and rel_err(grads[1], grads[2]) < tol, f"{dtype}, seed={seed}"
 
 
 def test_training_steps_agree():

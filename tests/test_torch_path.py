@@ -9,6 +9,7 @@ import torch
 from helpers import fresh_seed, rel_err, seeded_randn
 from upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
 from upsampler import torch_path
+from kernels import cpu
 
 # (B, C, H, W, size, G, nh, kernel_size): odd sizes, groups and heads crossing unevenly, Ho = 1
 GEOMETRY = {
@@ -17,6 +18,18 @@ GEOMETRY = {
     "Ho=1,G=2,nh=4": (1, 8, 3, 6, (1, 9), 2, 4, 3),
 }
 MODES = ["attention", "logits", "weights", "none"]
+
+
+@pytest.fixture(params=["native", "gathers"])
+def impl(request, monkeypatch):
+    """The CPU op's two forms: the native kernels (kernels/local_upsample_cpu.cpp) and, where they cannot
+    build, the gathers (embedding_bag, sampled_addmm)."""
+    if request.param == "native":
+        if cpu.unavailable():
+            pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
+    else:
+        monkeypatch.setattr(cpu, "unavailable", lambda: "the gathers, forced by the test")
+    return request.param
 
 
 def problem(name, mode, seed, dtype=torch.float64, offsets=True):
@@ -49,7 +62,7 @@ def grads(t, size, kw, backend, dout, **extra):
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 @pytest.mark.parametrize("coords", ["align_corners", "half_pixel", "nearest"])
 @pytest.mark.parametrize("mode", MODES)
-def test_modes_match_reference(mode, coords, padding):
+def test_modes_match_reference(mode, coords, padding, impl):
     seed = fresh_seed()
     name = list(GEOMETRY)[seed % len(GEOMETRY)]
     t, size, kw = problem(name, mode, seed)
@@ -63,10 +76,11 @@ def test_modes_match_reference(mode, coords, padding):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_chunks_match_reference(mode, monkeypatch):
+def test_chunks_match_reference(mode, monkeypatch, impl):
     """One output row per chunk (tables per image, gradients of v and k summed over each chunk's band
-    of rows): the same op, and bitwise repeatable."""
+    of rows; the native backward's scatter passes): the same op, and bitwise repeatable."""
     monkeypatch.setattr(torch_path, "CHUNK_PAIRS", 1)
+    monkeypatch.setattr(cpu, "CHUNK_PAIRS", 1)
     seed = fresh_seed()
     name = list(GEOMETRY)[seed % len(GEOMETRY)]
     extra = dict(coords=["align_corners", "half_pixel", "nearest"][seed % 3], padding=["zeros", "border"][seed % 2])
@@ -89,7 +103,7 @@ def test_base_grid_without_offsets(mode):
 
 
 @pytest.mark.parametrize("mode", ["attention", "weights"])
-def test_gradcheck_float64(mode):
+def test_gradcheck_float64(mode, impl):
     seed = fresh_seed()
     t, size, kw = problem("Ho=1,G=2,nh=4", mode, seed)
     names = [n for n, x in t.items() if x is not None]
@@ -100,7 +114,7 @@ def test_gradcheck_float64(mode):
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True, atol=1e-7, rtol=1e-5), f"seed={seed}"
 
 
-def test_bfloat16_accumulates_in_float32():
+def test_bfloat16_accumulates_in_float32(impl):
     seed = fresh_seed()
     t, size, kw = problem("s2,G=3,nh=2", "attention", seed, dtype=torch.bfloat16)
     out = run(t, size, kw, "torch")
@@ -110,8 +124,46 @@ def test_bfloat16_accumulates_in_float32():
     assert all(x.dtype == torch.bfloat16 and torch.isfinite(x).all() for x in g.values())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_native_is_the_same_at_any_thread_count(mode):
+    """The native kernels split pixels (forward, per-pixel gradients) and channels (the scatters of dv
+    and dk) over threads; every element sums in one order, so 1 and 2 threads agree bit for bit."""
+    if cpu.unavailable():
+        pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
+    seed = fresh_seed()
+    t, size, kw = problem("s2,G=3,nh=2", mode, seed, dtype=torch.float32)
+    dout = seeded_randn(t["v"].shape[0], t["v"].shape[1], *size, generator=torch.Generator().manual_seed(seed))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((run(t, size, kw, "torch"), grads(t, size, kw, "torch", dout)))
+    finally:
+        torch.set_num_threads(threads)
+    (out1, g1), (out2, g2) = results
+    assert torch.equal(out1, out2), f"seed={seed}"
+    assert all(torch.equal(g1[n], g2[n]) for n in g1), f"seed={seed}"
+
+
+def test_native_build_says_why_not(monkeypatch, tmp_path):
+    """No compiler, a failing one, or LDA_AQU_NATIVE=0: unavailable() says so, and the op runs the gathers."""
+    try:
+        for env, why in ((dict(LDA_AQU_NATIVE="0"), "LDA_AQU_NATIVE=0"), (dict(CXX="false"), "false failed")):
+            cpu._library.cache_clear()
+            monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(tmp_path))
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            assert why in cpu.unavailable()
+            t, size, kw = problem("s2,G=3,nh=2", "attention", fresh_seed())
+            assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12
+            monkeypatch.undo()
+    finally:
+        cpu._library.cache_clear()
+
+
 @pytest.mark.parametrize("mode", ["attention", "logits"])
-def test_saves_inputs_and_weights_only(mode):
+def test_saves_inputs_and_weights_only(mode, impl):
     seed = fresh_seed()
     t, size, kw = problem("s2,G=3,nh=2", mode, seed, dtype=torch.float32)
     t = {n: x.requires_grad_(True) for n, x in t.items()}

@@ -46,7 +46,7 @@ class BilinearAlignCorners(torch.autograd.Function):
     index_puts (a mutation dependency lost when it recomputes a node's loops for fusion,
     pytorch/pytorch#185509): the gradient through q silently vanished on CPU. Gathers write nothing in
     place. ATen's backward kernel has no meta function for symbolic sizes, so it cannot stand in under
-    dynamic shapes.
+    dynamic shapes; eager runs it (one pass, four taps per output pixel).
     """
 
     @staticmethod
@@ -59,7 +59,11 @@ class BilinearAlignCorners(torch.autograd.Function):
         H, W = ctx.in_size
         acc = torch.promote_types(grad.dtype, torch.float32)  # as ATen's kernel: weights and sums in fp32
         with torch.autocast(grad.device.type, enabled=False):
-            dx = _tent_transposed(_tent_transposed(grad.to(acc), W, -1), H, -2)
+            if not torch.compiler.is_compiling():  # eager: ATen's own kernel, four taps per output pixel
+                dx = torch.ops.aten.upsample_bilinear2d_backward(grad.to(acc), grad.shape[-2:], (*grad.shape[:2], H, W),
+                                                                 True)
+            else:
+                dx = _tent_transposed(_tent_transposed(grad.to(acc), W, -1), H, -2)
         return dx.to(grad.dtype), None
 
 

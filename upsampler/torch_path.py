@@ -17,12 +17,14 @@ grid_sample calls, one neighbour at a time, that every exporter and device can t
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu as _cpu
 from kernels.layout import acc_dtype as _acc, neighbours as _neighbours, segments as _segments
 
 from .naive import base_grid, output_grid
@@ -174,8 +176,31 @@ def _coef(pairs, w, g, h):
     return pairs.bw[g] if w is None else pairs.bw[g] * w[h].unsqueeze(-1)
 
 
+def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc):
+    """The native kernels' description of the problem: mode, groups, heads, K, channel runs, grid."""
+    mode = "attention" if q is not None else "logits" if logits is not None else \
+        "weights" if weights is not None else "none"
+    K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
+    return _native_geometry(mode, *v.shape[1:], *size, kernel_size, K, G, nh, 0 if q is None else q.shape[1], coords,
+                            acc)
+
+
+@functools.lru_cache(maxsize=256)
+def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, acc):
+    # per call this would be a dozen small tensor ops: as much as the kernel itself on a 16x16 map
+    (y0, uy), (x0, ux) = output_grid(H, Ho, coords, acc, "cpu"), output_grid(W, Wo, coords, acc, "cpu")
+    segs, qsegs = _segments(C, G, nh), _segments(Dq, G, nh) if Dq else []
+    return dict(mode=mode, G=G, nh=nh, K=K, segs=segs, qsegs=qsegs, origins=(y0, x0),
+                base=base_grid(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)))
+
+
 def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding):
     acc = _acc(v.dtype)
+    if _cpu.unavailable() is None:
+        a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
+        out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
+                              scale=scale, coords=coords, padding=padding, acc=acc)
+        return out.to(v.dtype), w
     B, C, H, W = v.shape
     Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
@@ -210,6 +235,9 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
     Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
+    if _cpu.unavailable() is None:
+        return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
+                                coords, padding, needs)
     n_off = n_off and offset is not None
     attention = q is not None and (n_q or n_k or n_rpb or n_off)
     n_dw = attention or n_logits or n_weights
@@ -289,14 +317,41 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
     return tuple(None if d is None else d.to(x.dtype).contiguous() for d, x in zip(grads, ins))
 
 
+def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
+                     needs):
+    acc = _acc(v.dtype)
+    n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
+    a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
+    d = _cpu.backward(dout, v, size, offset, q, k, rpb, w, **a, scale=scale, coords=coords, padding=padding, acc=acc,
+                      needs=(n_v, n_off, n_q, n_k, n_weights))
+    B, P, K = v.shape[0], size[0] * size[1], a["K"]
+    drpb = dlogits = dweights = None
+    if q is not None and rpb is not None and n_rpb:  # d loss / d rpb: scale * dlogit . q, over every pixel
+        qh = q.to(acc).reshape(B, nh, -1, P)
+        drpb = torch.einsum("bhpn,bhcp->hnc", d["dlogit"], qh) * scale
+    if logits is not None and n_logits:
+        dlogits = d["dlogit"].view(B, nh, *size, K).permute(0, 1, 4, 2, 3)
+    if d["dw"] is not None:
+        dweights = d["dw"].view(B, nh, *size, K).permute(0, 1, 4, 2, 3)
+    grads = (d["dv"], d["doffset"], d["dq"], d["dk"], drpb, dlogits, dweights)
+    ins = (v, offset, q, k, rpb, logits, weights)
+    return tuple(None if g is None or not n else g.to(x.dtype).contiguous() for g, x, n in zip(grads, ins, needs))
+
+
 # custom ops, so torch.compile traces through the CPU path as one node (no graph break on the sparse ops)
+def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
+              padding):
+    out, w = _forward(v, offset, q, k, rpb, logits, weights, (Ho, Wo), kernel_size or None, num_groups, num_heads,
+                      scale, coords, padding)
+    return out, (w if w is not None else v.new_empty(0, dtype=_acc(v.dtype)))
+
+
 @torch.library.custom_op("lda_aqu::local_upsample_cpu", mutates_args=())
 def _fwd_op(v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor], rpb: Optional[Tensor],
             logits: Optional[Tensor], weights: Optional[Tensor], Ho: int, Wo: int, kernel_size: int, num_groups: int,
             num_heads: int, scale: float, coords: str, padding: str) -> tuple[Tensor, Tensor]:
-    out, w = _forward(v, offset, q, k, rpb, logits, weights, (Ho, Wo), kernel_size or None, num_groups, num_heads,
-                      scale, coords, padding)
-    return out, (w if w is not None else v.new_empty(0, dtype=_acc(v.dtype)))
+    return _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
+                     padding)
 
 
 @_fwd_op.register_fake
@@ -308,14 +363,20 @@ def _(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, nu
     return v.new_empty(v.shape[0], v.shape[1], Ho, Wo), w
 
 
+def _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale,
+              coords, padding, needs):
+    grads = _backward(dout, v, offset, q, k, rpb, logits, weights, w if w.numel() else None, (Ho, Wo),
+                      kernel_size or None, num_groups, num_heads, scale, coords, padding, needs)
+    return [d if d is not None else v.new_empty(0) for d in grads]
+
+
 @torch.library.custom_op("lda_aqu::local_upsample_cpu_bwd", mutates_args=())
 def _bwd_op(dout: Tensor, v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
             rpb: Optional[Tensor], logits: Optional[Tensor], weights: Optional[Tensor], w: Tensor, Ho: int, Wo: int,
             kernel_size: int, num_groups: int, num_heads: int, scale: float, coords: str, padding: str,
             needs: list[bool]) -> list[Tensor]:
-    grads = _backward(dout, v, offset, q, k, rpb, logits, weights, w if w.numel() else None, (Ho, Wo),
-                      kernel_size or None, num_groups, num_heads, scale, coords, padding, needs)
-    return [d if d is not None else v.new_empty(0) for d in grads]
+    return _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale,
+                     coords, padding, needs)
 
 
 @_bwd_op.register_fake
@@ -370,13 +431,18 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     if offset is None:
         grid = grid.expand(v.shape[0], G, K, Ho, Wo, 2)
 
+    nan_possible = padding == "border" and offset is not None and \
+        (v.device.type != "cpu" or _traced() or bool(offset.sum().isnan()))
+
     def sample(x, n):  # [B, ch, H, W] -> [B, nh, ch // nh, Ho, Wo], each group at its own positions
         g = grid[:, :, n].reshape(-1, Ho, Wo, 2)
         # integer positions (the nearest rule, no offsets): the pixel alone, as the kernels read it
         mode = "nearest" if coords == "nearest" and offset is None else "bilinear"
         s = F.grid_sample(x.reshape(-1, x.shape[1] // G, H, W), g, mode=mode, padding_mode=padding,
                           align_corners=False)
-        if padding == "border":  # grid_sample clips a NaN position into the map; the contract is NaN out
+        # grid_sample clips a NaN position into the map; the contract is NaN out. In eager on the CPU the
+        # output pass runs only when an offset is NaN (its sum is: one reduction; inf - inf a false alarm)
+        if nan_possible:
             s = s.masked_fill(g.isnan().any(-1)[:, None], float("nan"))
         return s.reshape(-1, nh, x.shape[1] // nh, Ho, Wo)
 
@@ -388,22 +454,55 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
         weights = torch.stack(logit, 2).softmax(2)
     elif logits is not None:
         weights = logits.softmax(2)
-    out = 0
+    out = None
     for n in range(K):
-        out = out + (sample(v, n) if weights is None else weights[:, :, n, None] * sample(v, n))
+        term = sample(v, n) if weights is None else weights[:, :, n, None] * sample(v, n)
+        out = term if out is None else out + term
     return out.reshape(-1, C, Ho, Wo)
+
+
+class _Eager(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch: in eager mode the custom-op machinery
+    (schema defaults, autograd wrapper) costs ~0.1 ms a call, as much as the whole op on a small map.
+    A second backward goes through the custom backward op, which says where double backward is."""
+
+    @staticmethod
+    def forward(ctx, v, offset, q, k, rpb, logits, weights, *args):
+        out, w = _fwd_impl(v, offset, q, k, rpb, logits, weights, *args)
+        ctx.save_for_backward(v, offset, q, k, rpb, logits, weights, w)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        needs = list(ctx.needs_input_grad[:7])
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = torch.ops.lda_aqu.local_upsample_cpu_bwd(dout, *ctx.saved_tensors, *ctx.args, needs)
+        else:
+            grads = _bwd_impl(dout, *ctx.saved_tensors, *ctx.args, needs)
+        return tuple(d if n else None for d, n in zip(grads, needs)) + (None,) * len(ctx.args)
+
+
+def _traced() -> bool:
+    """Tracing (torch.compile, export) or a dispatch mode (FlopCounterMode, FakeTensorMode): the op must be
+    one node the tracer or mode sees, and no branch may read data."""
+    return torch.compiler.is_compiling() or is_exporting() or \
+        torch.utils._python_dispatch._get_current_dispatch_mode() is not None
 
 
 def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
                          coords, padding):
     """`upsampler.local_upsample` in PyTorch; arguments already checked."""
-    # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose native
-    # CPU kernel is ~2x faster than the gathers and keeps the same tensors for backward.
+    # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose CPU kernel
+    # is faster than the native one there (1.7 against 3.2 ms at 1x64x64x64 -> 128^2, 4 groups) and
+    # keeps the same tensors for backward.
     one_sample = q is None and logits is None and weights is None and \
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
     if v.device.type != "cpu" or is_exporting() or one_sample:
         return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
                       padding)
-    out, _ = torch.ops.lda_aqu.local_upsample_cpu(v, offset, q, k, rpb, logits, weights, size[0], size[1],
-                                                  kernel_size or 0, num_groups, num_heads, scale, coords, padding)
-    return out
+    args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
+            coords, padding)
+    if _traced():
+        return torch.ops.lda_aqu.local_upsample_cpu(*args)[0]
+    return _Eager.apply(*args)

@@ -1,0 +1,179 @@
+"""The native CPU kernels of local_upsample (local_upsample_cpu.cpp): built with the system C++ compiler
+on first use into a per-user build folder, loaded through ctypes, launched on torch tensors.
+
+No torch headers are compiled (a second's build), and the library links the same OpenMP runtime that
+torch has loaded (libgomp.so.1, by soname), so its threads are torch's (`torch.get_num_threads()`).
+Where no compiler is found the build fails once, says why (`unavailable()`), and the torch path keeps
+its gather form. LDA_AQU_NATIVE=0 turns the native kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("local_upsample_cpu.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+MODES = {"none": 0, "weights": 1, "logits": 2, "attention": 3}
+CHUNK_PAIRS = 1 << 18  # backward: (pixel, corner) pairs recorded per scatter pass, a cache-sized buffer
+
+
+class _Problem(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int64) for n in (
+        "B", "C", "H", "W", "Ho", "Wo", "G", "NH", "K", "Dq", "mode", "align", "exact", "border", "has_offset",
+        "has_rpb", "n_threads", "chunk_pixels", "n_seg", "n_qseg")] + \
+        [(n, ctypes.c_double) for n in ("unit_y", "unit_x", "scale")] + \
+        [(n, ctypes.c_void_p) for n in ("seg", "qseg", "y0", "x0", "base", "v", "offset", "q", "k", "rpb", "given",
+                                        "out", "w", "dout", "dv", "dk", "dq", "dlogit", "dw", "doffset")] + \
+        [(n, ctypes.c_int64) for n in ("need_v", "need_offset", "need_q", "need_k", "need_weights")]
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("LDA_AQU_BUILD_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lda_aqu")
+    return Path(root)
+
+
+def _cpu_key() -> str:
+    """-march=native code runs on the CPU it was built for: the key names the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return "\n".join([platform.machine(), *lines])
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> tuple[Optional[ctypes.CDLL], str]:
+    """(library, "") or (None, why not)."""
+    if os.environ.get("LDA_AQU_NATIVE", "1") == "0":
+        return None, "LDA_AQU_NATIVE=0"
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None, "no C++ compiler (g++ or $CXX) on PATH"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    path = _build_dir() / f"local_upsample_cpu-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if run.returncode:
+                return None, f"{cxx} failed: {run.stderr.strip()[-2000:]}"
+            os.replace(tmp, path)  # atomic: concurrent builds (test workers) each install a whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    for name in ("lu_forward_f32", "lu_forward_f64", "lu_backward_f32", "lu_backward_f64"):
+        getattr(lib, name).argtypes = [ctypes.POINTER(_Problem)]
+        getattr(lib, name).restype = None
+    return lib, ""
+
+
+def unavailable() -> Optional[str]:
+    """None if the native kernels can run, else why not."""
+    return _library()[1] or None
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else t.data_ptr()
+
+
+def _cl(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    """[B, c, h, w] as contiguous channels-last rows [B, h, w, c] in dtype."""
+    return None if t is None else t.to(dtype).permute(0, 2, 3, 1).contiguous()
+
+
+def _c(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def _runs(segs) -> torch.Tensor:
+    return torch.tensor(segs, dtype=torch.int64).reshape(-1, 4)
+
+
+def _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
+             acc, keep):
+    """The ctypes struct for tensors in acc; `keep` holds every tensor it points into. origins ([Ho], [Wo])
+    and base ([K, 2]) contiguous CPU tensors in acc."""
+    B, C, H, W = v.shape
+    Ho, Wo = size
+    seg, qseg = (_runs(tuple(s)) for s in (segs, qsegs))
+    y0, x0 = origins
+    keep += [seg, qseg, y0, x0, base]
+    return _Problem(B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, G=G, NH=nh, K=K, Dq=0 if q is None else q.shape[1],
+                    mode=MODES[mode], align=coords == "align_corners", exact=coords == "nearest" and offset is None,
+                    border=padding == "border", has_offset=offset is not None, has_rpb=rpb is not None,
+                    n_threads=torch.get_num_threads(), chunk_pixels=max(1, CHUNK_PAIRS // (G * K * 4)),
+                    n_seg=len(segs), n_qseg=len(qsegs), unit_y=units[0], unit_x=units[1], scale=scale,
+                    seg=_ptr(seg), qseg=_ptr(qseg), y0=_ptr(y0), x0=_ptr(x0), base=_ptr(base))
+
+
+def _suffix(acc) -> str:
+    return "f64" if acc == torch.float64 else "f32"
+
+
+def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
+            padding, acc):
+    """out [B, C, Ho, Wo] in acc and the sample weights w [B, nh, Ho*Wo, K] in acc (None for unit weights).
+    offset [B, G*2K, Ho, Wo]; q [B, Dq, Ho, Wo], k [B, Dq, H, W], rpb [nh, K, Dq//nh]; given: logits or
+    weights [B, nh, K, Ho, Wo]; segs/qsegs: (group, head, first, end) channel runs of v and q; origins:
+    the output rows' and columns' input coordinates; base [K, 2] the window; units per offset unit."""
+    keep = []
+    p = _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
+                 acc, keep)
+    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_cl(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
+                   given=_c(given, acc))
+    out = v.new_empty(p.B, p.C, p.Ho, p.Wo, dtype=acc)
+    w = v.new_empty(p.B, p.NH, p.Ho * p.Wo, p.K, dtype=acc) if mode != "none" else None
+    for n, t in dict(tensors, out=out, w=w).items():
+        setattr(p, n, _ptr(t))
+    if p.B and p.Ho and p.Wo:
+        getattr(_library()[0], "lu_forward_" + _suffix(acc))(ctypes.byref(p))
+    return out, w
+
+
+def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
+             padding, acc, needs):
+    """Gradients in acc: dv, doffset, dq, dk [as their inputs], dlogit [B, nh, Ho*Wo, K] (softmax input,
+    for attention and logits), dw [B, nh, Ho*Wo, K] (given weights), None where not needed.
+    needs: (v, offset, q, k, weights)."""
+    keep = []
+    p = _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
+                 acc, keep)
+    n_v, n_off, n_q, n_k, n_w = needs
+    n_off = n_off and offset is not None
+    B, C, H, W = v.shape
+    Dq, P = p.Dq, p.Ho * p.Wo
+    attention = mode == "attention"
+    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_cl(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
+                   w=_c(w, acc), dout=_cl(dout, acc))
+    out = dict(
+        dv=v.new_zeros(B, H, W, C, dtype=acc) if n_v else None,
+        dk=v.new_zeros(B, H, W, Dq, dtype=acc) if attention and n_k else None,
+        dq=v.new_empty(B, p.Ho, p.Wo, Dq, dtype=acc) if attention and n_q else None,
+        dlogit=v.new_empty(B, p.NH, P, K, dtype=acc) if mode in ("attention", "logits") else None,
+        dw=v.new_empty(B, p.NH, P, K, dtype=acc) if mode == "weights" and n_w else None,
+        doffset=v.new_empty(offset.shape, dtype=acc) if n_off else None)
+    for n, t in dict(tensors, **out).items():
+        setattr(p, n, _ptr(t))
+    p.need_v, p.need_offset, p.need_q, p.need_k, p.need_weights = n_v, n_off, n_q, n_k, n_w
+    if p.B and P:
+        getattr(_library()[0], "lu_backward_" + _suffix(acc))(ctypes.byref(p))
+    for n in ("dv", "dk", "dq"):
+        if out[n] is not None:
+            out[n] = out[n].permute(0, 3, 1, 2)
+    return out

@@ -1,0 +1,465 @@
+// The CPU kernels of local_upsample (the torch path's native form): one pass over the output pixels,
+// positions, bilinear corners and weights computed once per pixel and reused across its channels, the
+// K samples never materialised. Plain C ABI (no torch headers: it builds in a second with g++), called
+// through ctypes by kernels/cpu.py, which also says what every array holds.
+//
+// Determinism without atomics: every per-pixel result is written by the thread owning the pixel; the
+// transposed gathers (dv, dk) are scattered in a second pass split by channel, so each element sums
+// its contributions in one fixed order (pixel, neighbour, corner) whatever the thread count.
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct Problem {
+  int64_t B, C, H, W, Ho, Wo, G, NH, K, Dq;
+  int64_t mode;        // 0: unit weights, 1: given weights, 2: given logits, 3: attention
+  int64_t align;       // positions (origin + offset) * unit: offsets in output pixels
+  int64_t exact;       // integer positions (nearest, no offsets): the pixel alone
+  int64_t border;      // grid_sample's border padding, else zeros
+  int64_t has_offset, has_rpb, n_threads, chunk_pixels;
+  int64_t n_seg, n_qseg;
+  double unit_y, unit_x, scale;
+  const int64_t *seg, *qseg;   // [n, 4] (group, head, first channel, end channel)
+  const void *y0, *x0, *base;  // [Ho], [Wo] origins; [K, 2] window
+  const void *v, *offset, *q, *k, *rpb, *given;
+  void *out, *w;
+  const void *dout;
+  void *dv, *dk, *dq, *dlogit, *dw, *doffset;
+  int64_t need_v, need_offset, need_q, need_k, need_weights;
+};
+
+// Channel loops on 32-byte vectors (GCC/Clang vector extensions: the compiler's ISA, no intrinsics),
+// four of them in registers at a time; each lane sums in the pairs' order, so results do not depend on
+// how the channels are split.
+template <class T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int L = 32 / sizeof(T);
+};
+
+template <class T>
+inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+template <class T>
+inline void store(T* p, typename Vec<T>::type x) {
+  std::memcpy(p, &x, sizeof x);
+}
+
+// dst[0:n] = sum_r coef[r] * rows[r][c0:c0+n]
+template <class T>
+inline void combine(T* dst, const T* const* rows, const T* coef, int64_t nr, int64_t c0, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  int64_t c = 0;
+  for (; c + 4 * L <= n; c += 4 * L) {
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t r = 0; r < nr; r++) {
+      const T* s = rows[r] + c0 + c;
+      const T w = coef[r];
+      a0 += w * load(s), a1 += w * load(s + L), a2 += w * load(s + 2 * L), a3 += w * load(s + 3 * L);
+    }
+    store(dst + c, a0), store(dst + c + L, a1), store(dst + c + 2 * L, a2), store(dst + c + 3 * L, a3);
+  }
+  for (; c + L <= n; c += L) {
+    V a = {};
+    for (int64_t r = 0; r < nr; r++) a += coef[r] * load(rows[r] + c0 + c);
+    store(dst + c, a);
+  }
+  for (; c < n; c++) {
+    T a = 0;
+    for (int64_t r = 0; r < nr; r++) a += coef[r] * rows[r][c0 + c];
+    dst[c] = a;
+  }
+}
+
+// the lanes' sum as a pairwise tree (depth log2 L, not L: dots are latency-bound)
+template <class T>
+inline T hsum(typename Vec<T>::type v) {
+  constexpr int L = Vec<T>::L;
+  T a[L];
+  std::memcpy(a, &v, sizeof a);
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; l++) a[l] += a[l + w];
+  return a[0];
+}
+
+template <class T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V part = {};
+  int64_t c = 0;
+  for (; c + L <= n; c += L) part += load(a + c) * load(b + c);
+  T s = 0;
+  for (; c < n; c++) s += a[c] * b[c];
+  return s + hsum<T>(part);
+}
+
+// out[q] = sum_r coefs[q][r] * (d . rows[r][c0:c0+n]) for NQ coefficient sets over the same rows (the
+// bilinear weights and their derivatives): each row is read once, one horizontal sum per set
+template <class T, int NQ>
+inline void sampled_dots(const T* d, const T* const* rows, const T* const (&coefs)[NQ], int64_t nr, int64_t c0,
+                         int64_t n, T* out) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  V acc[NQ] = {};
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    const V dv = load(d + c);
+    for (int64_t r = 0; r < nr; r++) {
+      const V t = dv * load(rows[r] + c0 + c);
+      for (int i = 0; i < NQ; i++) acc[i] += coefs[i][r] * t;
+    }
+  }
+  T tail[NQ] = {};
+  for (; c < n; c++)
+    for (int64_t r = 0; r < nr; r++) {
+      const T t = d[c] * rows[r][c0 + c];
+      for (int i = 0; i < NQ; i++) tail[i] += coefs[i][r] * t;
+    }
+  for (int i = 0; i < NQ; i++) out[i] = tail[i] + hsum<T>(acc[i]);
+}
+
+template <class T>
+inline void axpy(T* y, T a, const T* x, int64_t n) {
+  constexpr int L = Vec<T>::L;
+  int64_t c = 0;
+  for (; c + L <= n; c += L) store(y + c, load(y + c) + a * load(x + c));
+  for (; c < n; c++) y[c] += a * x[c];
+}
+
+// The samples of one output row, computed for the whole row at once (loops over x that vectorise), then
+// read out per pixel: for group g, neighbour n, corner c (00, 01, 10, 11) at r = 4 (g K + n) + c, the
+// map index of the corner (-1 outside: it reads a zero row, so a NaN weight still makes NaN), its
+// bilinear weight, and with `grad` the weight's derivatives along y and x and whether the position
+// passes the border clip (per g K + n).
+template <class T>
+struct Corners {
+  int64_t Wo, S;
+  std::vector<int32_t> row_idx;  // [4S, Wo]
+  std::vector<T> row_bw, row_dby, row_dbx, py, px, zero;
+  std::vector<unsigned char> row_pass;  // [2S, Wo]
+  std::vector<int32_t> idx;  // one pixel's [4S], ...
+  std::vector<T> bw, dby, dbx;
+  std::vector<unsigned char> pass_y, pass_x;
+  explicit Corners(const Problem& p) : Wo(p.Wo), S(p.G * p.K) {
+    row_idx.resize(4 * S * Wo), row_bw.resize(4 * S * Wo), row_dby.resize(4 * S * Wo), row_dbx.resize(4 * S * Wo);
+    py.resize(Wo), px.resize(Wo), zero.assign(Wo, T(0)), row_pass.assign(2 * S * Wo, 1);
+    idx.resize(4 * S), bw.resize(4 * S), dby.resize(4 * S), dbx.resize(4 * S), pass_y.resize(S), pass_x.resize(S);
+  }
+
+  void row(const Problem& p, int64_t b, int64_t y, bool grad) {
+    const T* x0 = static_cast<const T*>(p.x0);
+    const T* base = static_cast<const T*>(p.base);
+    const T* off = static_cast<const T*>(p.offset);
+    const int64_t HW = p.Ho * p.Wo, H = p.H, W = p.W;
+    const T limy = T(H - 1), limx = T(W - 1), uy = p.align ? T(p.unit_y) : T(1), ux = p.align ? T(p.unit_x) : T(1);
+    const T y0 = static_cast<const T*>(p.y0)[y];
+    for (int64_t s = 0; s < S; s++) {
+      const int64_t n = s % p.K;
+      // without offsets, zeros: 0 + (origin + window) is exactly the grid; unit 1 multiplies exactly
+      const T* oy = p.has_offset ? off + ((b * S + s) * 2) * HW + y * Wo : zero.data();
+      const T* ox = p.has_offset ? oy + HW : zero.data();
+      const T by = y0 + base[2 * n], bx = base[2 * n + 1];
+      for (int64_t x = 0; x < Wo; x++) py[x] = (oy[x] + by) * uy, px[x] = (ox[x] + (x0[x] + bx)) * ux;
+      unsigned char *pay = &row_pass[2 * s * Wo], *pax = pay + Wo;
+      if (p.border) {  // clipped, zero gradient at and past the edge; NaN stays NaN
+        for (int64_t x = 0; x < Wo; x++) {
+          const T yy = py[x], xx = px[x];
+          pay[x] = yy > 0 && yy < limy, pax[x] = xx > 0 && xx < limx;
+          py[x] = yy < 0 ? T(0) : yy > limy ? limy : yy;
+          px[x] = xx < 0 ? T(0) : xx > limx ? limx : xx;
+        }
+      }
+      int32_t* __restrict ix = &row_idx[4 * s * Wo];
+      T* __restrict w = &row_bw[4 * s * Wo];
+      const int32_t Wi = int32_t(W), Hi = int32_t(H), one = p.exact ? 0 : 1;
+      const T *__restrict qy = py.data(), *__restrict qx = px.data();
+      for (int64_t x = 0; x < Wo; x++) {  // branch-free (& on bools, selects): it vectorises
+        const T cy = std::floor(qy[x]), cx = std::floor(qx[x]);
+        const T fy = qy[x] - cy, fx = qx[x] - cx;
+        // cells far outside (or NaN) read zero rows only; compared as floats before any int conversion
+        const bool near = (cy >= -1) & (cy <= limy) & (cx >= -1) & (cx <= limx);
+        const int32_t iy = near ? int32_t(cy) : -2, jx = near ? int32_t(cx) : -2;
+        const bool y0in = iy >= 0, y1in = near & (iy + 1 < Hi) & (one == 1), x0in = jx >= 0;
+        const bool x1in = near & (jx + 1 < Wi) & (one == 1);
+        const int32_t i00 = iy * Wi + jx;
+        ix[x] = y0in & x0in ? i00 : -1;
+        ix[Wo + x] = y0in & x1in ? i00 + 1 : -1;
+        ix[2 * Wo + x] = y1in & x0in ? i00 + Wi : -1;
+        ix[3 * Wo + x] = y1in & x1in ? i00 + Wi + 1 : -1;
+        w[x] = (1 - fy) * (1 - fx), w[Wo + x] = (1 - fy) * fx, w[2 * Wo + x] = fy * (1 - fx), w[3 * Wo + x] = fy * fx;
+      }
+      if (grad) {
+        T *__restrict gy = &row_dby[4 * s * Wo], *__restrict gx = &row_dbx[4 * s * Wo];
+        for (int64_t x = 0; x < Wo; x++) {
+          const T fy = qy[x] - std::floor(qy[x]), fx = qx[x] - std::floor(qx[x]);
+          gy[x] = -(1 - fx), gy[Wo + x] = -fx, gy[2 * Wo + x] = 1 - fx, gy[3 * Wo + x] = fx;
+          gx[x] = -(1 - fy), gx[Wo + x] = 1 - fy, gx[2 * Wo + x] = -fy, gx[3 * Wo + x] = fy;
+        }
+      }
+    }
+  }
+
+  void pixel(int64_t x, bool grad) {
+    for (int64_t r = 0; r < 4 * S; r++) idx[r] = row_idx[r * Wo + x], bw[r] = row_bw[r * Wo + x];
+    if (grad) {
+      for (int64_t r = 0; r < 4 * S; r++) dby[r] = row_dby[r * Wo + x], dbx[r] = row_dbx[r * Wo + x];
+      for (int64_t s = 0; s < S; s++) pass_y[s] = row_pass[2 * s * Wo + x], pass_x[s] = row_pass[(2 * s + 1) * Wo + x];
+    }
+  }
+
+  // the corners' rows of a channels-last table [H*W, width] (outside: the zero row)
+  void rows(const T* table, int64_t width, const T* zeros, const T** out) const {
+    for (int64_t r = 0; r < 4 * S; r++) out[r] = idx[r] >= 0 ? table + int64_t(idx[r]) * width : zeros;
+  }
+};
+
+template <class T>
+void softmax(T* l, int64_t K) {
+  T m = -std::numeric_limits<T>::infinity();
+  bool nan = false;
+  for (int64_t n = 0; n < K; n++) nan |= std::isnan(l[n]), m = l[n] > m ? l[n] : m;
+  T s = 0;
+  for (int64_t n = 0; n < K; n++) s += (l[n] = nan ? l[n] : std::exp(l[n] - m));
+  for (int64_t n = 0; n < K; n++) l[n] = nan ? std::numeric_limits<T>::quiet_NaN() : l[n] / s;
+}
+
+// The sample weights of one pixel, w [NH, K]: attention softmax(scale * (q . (k + rpb))), given
+// logits' softmax, given weights, or 1. krows: the corners' rows of k; ks: scratch of Dq.
+template <class T>
+void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pix, const T* const* krows, T* ks,
+                   T* wt) {
+  const int64_t K = p.K, P = p.Ho * p.Wo;
+  if (p.mode == 0) {
+    for (int64_t i = 0; i < p.NH * K; i++) wt[i] = 1;
+    return;
+  }
+  if (p.mode < 3) {
+    const T* gv = static_cast<const T*>(p.given);
+    for (int64_t h = 0; h < p.NH; h++)
+      for (int64_t n = 0; n < K; n++) wt[h * K + n] = gv[((b * p.NH + h) * K + n) * P + pix];
+    if (p.mode == 2)
+      for (int64_t h = 0; h < p.NH; h++) softmax(wt + h * K, K);
+    return;
+  }
+  const T* qp = static_cast<const T*>(p.q) + (b * P + pix) * p.Dq;
+  for (int64_t i = 0; i < p.NH * K; i++) wt[i] = 0;
+  for (int64_t i = 0; i < p.n_qseg; i++) {
+    const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
+    for (int64_t n = 0; n < K; n++) {  // q . (the sampled key): the corners combined first
+      const int64_t r = 4 * (g * K + n);
+      combine(ks, krows + r, cs.bw.data() + r, 4, c0, c1 - c0);
+      wt[h * K + n] += dot(qp + c0, ks, c1 - c0);
+    }
+  }
+  const int64_t dh = p.Dq / p.NH;
+  for (int64_t h = 0; h < p.NH; h++) {
+    for (int64_t n = 0; n < K; n++) {
+      if (p.has_rpb) wt[h * K + n] += dot(qp + h * dh, static_cast<const T*>(p.rpb) + (h * K + n) * dh, dh);
+      wt[h * K + n] *= T(p.scale);
+    }
+    softmax(wt + h * K, K);
+  }
+}
+
+// coef[r] = bw[r] * wt[h, n(r)] over the 4K pairs of group g
+template <class T>
+inline void pair_coef(const Corners<T>& cs, const T* wt, int64_t K, int64_t g, int64_t h, T* coef) {
+  for (int64_t r = 0; r < 4 * K; r++) coef[r] = cs.bw[4 * g * K + r] * wt[h * K + r / 4];
+}
+
+template <class T>
+void forward(const Problem& p) {
+  const int64_t K = p.K, C = p.C, P = p.Ho * p.Wo, HW = p.H * p.W;
+  const T* v = static_cast<const T*>(p.v);
+  const T* k = static_cast<const T*>(p.k);
+  T* out = static_cast<T*>(p.out);
+  T* wout = static_cast<T*>(p.w);
+  const std::vector<T> zeros(C > p.Dq ? C : p.Dq, T(0));
+#pragma omp parallel num_threads(p.n_threads)
+  {
+    Corners<T> cs(p);
+    std::vector<T> wt(p.NH * K), row(p.Wo * C), ks(p.Dq), coef(4 * K);
+    std::vector<const T*> vrows(p.G * K * 4), krows(p.G * K * 4);
+#pragma omp for schedule(static)
+    for (int64_t by = 0; by < p.B * p.Ho; by++) {
+      const int64_t b = by / p.Ho, y = by % p.Ho;
+      cs.row(p, b, y, false);
+      for (int64_t x = 0; x < p.Wo; x++) {
+        const int64_t pix = y * p.Wo + x;
+        cs.pixel(x, false);
+        if (p.mode == 3) cs.rows(k + b * HW * p.Dq, p.Dq, zeros.data(), krows.data());
+        pixel_weights(p, cs, b, pix, krows.data(), ks.data(), wt.data());
+        if (p.mode)
+          for (int64_t h = 0; h < p.NH; h++)
+            for (int64_t n = 0; n < K; n++) wout[((b * p.NH + h) * P + pix) * K + n] = wt[h * K + n];
+        cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
+        for (int64_t i = 0; i < p.n_seg; i++) {
+          const int64_t g = p.seg[4 * i], h = p.seg[4 * i + 1], c0 = p.seg[4 * i + 2], c1 = p.seg[4 * i + 3];
+          pair_coef(cs, wt.data(), K, g, h, coef.data());
+          combine(row.data() + x * C + c0, vrows.data() + 4 * g * K, coef.data(), 4 * K, c0, c1 - c0);
+        }
+      }
+      for (int64_t c = 0; c < C; c++) {  // [Wo, C] -> the NCHW output row
+        T* o = out + (b * C + c) * P + y * p.Wo;
+        for (int64_t x = 0; x < p.Wo; x++) o[x] = row[x * C + c];
+      }
+    }
+  }
+}
+
+// out[idx] += coef * rows[pixel] for every recorded pair of a chunk, channels c0:c1 of a segment,
+// split into one channel slice per thread: no two threads write one element, and each element sums in
+// the pairs' order.
+template <class T>
+void scatter(const Problem& p, int64_t n_px, int64_t nsegs, const int64_t* segs, const int32_t* idx,
+             const T* coef, const T* rows, T* out, int64_t width) {
+  const int64_t K = p.K, nt = p.n_threads;
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+  for (int64_t i = 0; i < nsegs; i++) {
+    for (int64_t t = 0; t < nt; t++) {
+      const int64_t g = segs[4 * i], c0 = segs[4 * i + 2], c1 = segs[4 * i + 3];
+      const int64_t n = c1 - c0, a = c0 + (n * t / nt) / 8 * 8, e = t == nt - 1 ? c1 : c0 + (n * (t + 1) / nt) / 8 * 8;
+      if (a >= e) continue;
+      for (int64_t px = 0; px < n_px; px++) {
+        const int32_t* ix = idx + (px * p.G + g) * K * 4;
+        const T* cf = coef + (px * nsegs + i) * K * 4;
+        const T* src = rows + px * width + a;
+        for (int64_t r = 0; r < K * 4; r++)
+          if (ix[r] >= 0) axpy(out + int64_t(ix[r]) * width + a, cf[r], src, e - a);
+      }
+    }
+  }
+}
+
+template <class T>
+void backward(const Problem& p) {
+  const int64_t K = p.K, C = p.C, Dq = p.Dq, P = p.Ho * p.Wo, HW = p.H * p.W, dh = Dq ? Dq / p.NH : 0;
+  const bool attention = p.mode == 3, need_off = p.need_offset && p.has_offset;
+  const bool need_dw = attention || p.mode == 2 || p.need_weights;
+  const bool need_dk = attention && p.need_k, need_dq = attention && p.need_q;
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* q = static_cast<const T*>(p.q);
+  const T* kk = static_cast<const T*>(p.k);
+  const T* rpb = static_cast<const T*>(p.rpb);
+  const T* wsaved = static_cast<const T*>(p.w);
+  T *dv = static_cast<T*>(p.dv), *dk = static_cast<T*>(p.dk), *dq = static_cast<T*>(p.dq);
+  T *dlogit = static_cast<T*>(p.dlogit), *dwout = static_cast<T*>(p.dw), *doff = static_cast<T*>(p.doffset);
+  const std::vector<T> zeros(C > Dq ? C : Dq, T(0));
+  // rows of one image per chunk: about chunk_pixels pixels' pairs, at least a row per thread
+  const int64_t J = K * 4, R = std::min(p.Ho, std::max(p.n_threads, p.chunk_pixels / p.Wo)),
+                chunk = R * p.Wo;
+  std::vector<int32_t> idx(p.need_v || need_dk ? chunk * p.G * J : 0);
+  std::vector<T> coef_v(p.need_v ? chunk * p.n_seg * J : 0), coef_k(need_dk ? chunk * p.n_qseg * J : 0);
+  for (int64_t b = 0; b < p.B; b++) {
+    for (int64_t r0 = 0; r0 < p.Ho; r0 += R) {
+      const int64_t r1 = std::min(r0 + R, p.Ho), p0 = r0 * p.Wo, p1 = r1 * p.Wo;
+#pragma omp parallel num_threads(p.n_threads)
+      {
+        Corners<T> cs(p);
+        std::vector<T> wt(p.NH * K), dwc(p.NH * K), a(p.NH * K), gy(p.G * K), gx(p.G * K), cf(J);
+        std::vector<const T*> vrows(p.G * J), krows(p.G * J);
+#pragma omp for schedule(static)
+        for (int64_t y = r0; y < r1; y++) {
+         cs.row(p, b, y, need_off);
+         for (int64_t x = 0; x < p.Wo; x++) {
+          const int64_t pix = y * p.Wo + x, lp = pix - p0;
+          cs.pixel(x, need_off);
+          for (int64_t i = 0; i < p.NH * K; i++)
+            wt[i] = p.mode ? wsaved[((b * p.NH + i / K) * P + pix) * K + i % K] : T(1);
+          std::fill(dwc.begin(), dwc.end(), T(0));
+          std::fill(gy.begin(), gy.end(), T(0));
+          std::fill(gx.begin(), gx.end(), T(0));
+          if (!idx.empty()) std::memcpy(&idx[lp * p.G * J], cs.idx.data(), sizeof(int32_t) * p.G * J);
+          cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
+          const T* drow = dout + (b * P + pix) * C;
+          for (int64_t i = 0; i < p.n_seg; i++) {
+            const int64_t g = p.seg[4 * i], h = p.seg[4 * i + 1], c0 = p.seg[4 * i + 2], c1 = p.seg[4 * i + 3];
+            for (int64_t n = 0; n < K; n++) {
+              const int64_t r = 4 * (g * K + n), s = g * K + n;
+              if (need_off) {  // d loss / d (weight, position y, position x) of the sample
+                T o[3];
+                sampled_dots<T, 3>(drow + c0, vrows.data() + r, {&cs.bw[r], &cs.dby[r], &cs.dbx[r]}, 4, c0, c1 - c0, o);
+                dwc[h * K + n] += o[0], gy[s] += o[1] * wt[h * K + n], gx[s] += o[2] * wt[h * K + n];
+              } else if (need_dw) {
+                T o[1];
+                sampled_dots<T, 1>(drow + c0, vrows.data() + r, {&cs.bw[r]}, 4, c0, c1 - c0, o);
+                dwc[h * K + n] += o[0];
+              }
+            }
+            if (p.need_v) pair_coef(cs, wt.data(), K, g, h, &coef_v[(lp * p.n_seg + i) * J]);
+          }
+          if (p.need_weights && p.mode == 1)
+            for (int64_t i = 0; i < p.NH * K; i++) dwout[((b * p.NH + i / K) * P + pix) * K + i % K] = dwc[i];
+          if (need_dw && p.mode >= 2) {
+            for (int64_t h = 0; h < p.NH; h++) {
+              T s = 0;
+              for (int64_t n = 0; n < K; n++) s += wt[h * K + n] * dwc[h * K + n];
+              for (int64_t n = 0; n < K; n++) {
+                const int64_t i = h * K + n;
+                const T d = wt[i] * (dwc[i] - s);
+                dlogit[((b * p.NH + h) * P + pix) * K + n] = d;
+                a[i] = d * T(p.scale);
+              }
+            }
+          }
+          if (attention && (need_dq || need_dk || need_off)) {
+            const T* qp = q + (b * P + pix) * Dq;
+            T* dqp = need_dq ? dq + (b * P + pix) * Dq : nullptr;
+            cs.rows(kk + b * HW * Dq, Dq, zeros.data(), krows.data());
+            for (int64_t i = 0; i < p.n_qseg; i++) {
+              const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
+              pair_coef(cs, a.data(), K, g, h, cf.data());
+              if (dqp) combine(dqp + c0, krows.data() + 4 * g * K, cf.data(), J, c0, c1 - c0);
+              if (need_dk) std::memcpy(&coef_k[(lp * p.n_qseg + i) * J], cf.data(), sizeof(T) * J);
+              if (need_off)
+                for (int64_t n = 0; n < K; n++) {
+                  const int64_t r = 4 * (g * K + n), s = g * K + n;
+                  T o[2];
+                  sampled_dots<T, 2>(qp + c0, krows.data() + r, {&cs.dby[r], &cs.dbx[r]}, 4, c0, c1 - c0, o);
+                  gy[s] += o[0] * a[h * K + n], gx[s] += o[1] * a[h * K + n];
+                }
+            }
+            if (dqp && p.has_rpb)
+              for (int64_t h = 0; h < p.NH; h++)
+                for (int64_t n = 0; n < K; n++) axpy(dqp + h * dh, a[h * K + n], rpb + (h * K + n) * dh, dh);
+          }
+          if (need_off) {
+            for (int64_t s = 0; s < p.G * K; s++) {
+              T ty = gy[s], tx = gx[s];
+              if (p.border) ty = cs.pass_y[s] ? ty : T(0), tx = cs.pass_x[s] ? tx : T(0);
+              if (p.align) ty *= T(p.unit_y), tx *= T(p.unit_x);
+              T* o = doff + ((b * p.G * K + s) * 2) * P + pix;
+              o[0] = ty, o[P] = tx;
+            }
+          }
+         }
+        }
+      }
+      if (p.need_v)
+        scatter(p, p1 - p0, p.n_seg, p.seg, idx.data(), coef_v.data(), dout + (b * P + p0) * C, dv + b * HW * C, C);
+      if (need_dk)
+        scatter(p, p1 - p0, p.n_qseg, p.qseg, idx.data(), coef_k.data(), q + (b * P + p0) * Dq, dk + b * HW * Dq, Dq);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+void lu_forward_f32(const Problem* p) { forward<float>(*p); }
+void lu_forward_f64(const Problem* p) { forward<double>(*p); }
+void lu_backward_f32(const Problem* p) { backward<float>(*p); }
+void lu_backward_f64(const Problem* p) { backward<double>(*p); }
+}
