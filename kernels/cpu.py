@@ -79,6 +79,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
     for name in ("lu_forward_f32", "lu_forward_f64", "lu_backward_f32", "lu_backward_f64"):
         getattr(lib, name).argtypes = [ctypes.POINTER(_Problem)]
         getattr(lib, name).restype = None
+    for name in ("lu_layer_norm_f32", "lu_layer_norm_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int64]
+        getattr(lib, name).restype = None
     return lib, ""
 
 
@@ -176,4 +179,17 @@ def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, o
     for n in ("dv", "dk", "dq"):
         if out[n] is not None:
             out[n] = out[n].permute(0, 3, 1, 2)
+    return out
+
+
+def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of a contiguous fp32/fp64 [N, C, H, W] map with the affine, NCHW in
+    and out (no autograd)."""
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    out = torch.empty_like(x)
+    N, C = x.shape[:2]
+    if out.numel():
+        getattr(_library()[0], "lu_layer_norm_" + _suffix(x.dtype))(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), N, C, x[0, 0].numel(), eps,
+            torch.get_num_threads())
     return out

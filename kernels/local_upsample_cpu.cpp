@@ -455,9 +455,46 @@ void backward(const Problem& p) {
   }
 }
 
+// LayerNorm over the channels of x [N, C, HW] (NCHW, contiguous), then the affine: per pixel, the mean and
+// the biased variance of its C channels, as F.layer_norm over the channels of x.permute(0, 2, 3, 1)
+// computes them, but in place in NCHW: the pixels of a row are the vector lanes, no permuted copies.
+template <class T>
+void layer_norm_channels(const T* x, const T* w, const T* b, T* out, int64_t N, int64_t C, int64_t HW, double eps,
+                         int64_t n_threads) {
+  constexpr int64_t BP = 64;  // pixels per block: the lanes of a few vectors, C of them in cache
+  const int64_t blocks = (HW + BP - 1) / BP;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t nb = 0; nb < N * blocks; nb++) {
+    const int64_t n = nb / blocks, p0 = nb % blocks * BP, np = std::min(BP, HW - p0);
+    const T* xs = x + n * C * HW + p0;
+    T* os = out + n * C * HW + p0;
+    T mean[BP], var[BP];
+    for (int64_t i = 0; i < np; i++) mean[i] = 0, var[i] = 0;
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t i = 0; i < np; i++) mean[i] += xs[c * HW + i];
+    for (int64_t i = 0; i < np; i++) mean[i] /= T(C);
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t i = 0; i < np; i++) {
+        const T d = xs[c * HW + i] - mean[i];
+        var[i] += d * d;
+      }
+    for (int64_t i = 0; i < np; i++) var[i] = T(1) / std::sqrt(var[i] / T(C) + T(eps));
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t i = 0; i < np; i++) os[c * HW + i] = (xs[c * HW + i] - mean[i]) * var[i] * w[c] + b[c];
+  }
+}
+
 }  // namespace
 
 extern "C" {
+void lu_layer_norm_f32(const float* x, const float* w, const float* b, float* out, int64_t N, int64_t C, int64_t HW,
+                       double eps, int64_t n_threads) {
+  layer_norm_channels(x, w, b, out, N, C, HW, eps, n_threads);
+}
+void lu_layer_norm_f64(const double* x, const double* w, const double* b, double* out, int64_t N, int64_t C,
+                       int64_t HW, double eps, int64_t n_threads) {
+  layer_norm_channels(x, w, b, out, N, C, HW, eps, n_threads);
+}
 void lu_forward_f32(const Problem* p) { forward<float>(*p); }
 void lu_forward_f64(const Problem* p) { forward<double>(*p); }
 void lu_backward_f32(const Problem* p) { backward<float>(*p); }

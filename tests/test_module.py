@@ -127,8 +127,10 @@ def build(name, backend, seed, rpb=True, dtype=torch.float32):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_module_gives_the_official_output(name):
-    """fp32 against the official computation in fp32 (the problem itself amplifies fp32 rounding
-    to ~1e-5 against float64, through range_factor * tanh), float64 against float64."""
+    """fp32 against float64 within 4x the official fp32 computation's own error (+1e-6), float64 against
+    float64. The problem amplifies fp32 rounding (range_factor * tanh) to up to ~6e-5 against float64
+    at k_u=5, s=1.5, and our fp32 rounds its own way (e.g. the native layer norm in inference): over
+    150 seeds of each config the worst (error - 1e-6) / official error was 2.6."""
     seed = fresh_seed()
     C, s, k_u, G, nh, r, H, W = CONFIGS[name]
     rpb = seed % 2 == 0
@@ -142,11 +144,11 @@ def test_module_gives_the_official_output(name):
         out_ref = m(x)
         out_ref64 = m.double()(x.double())
     assert out_triton.shape == (2, C, int(H * s), int(W * s))
-    expect32 = official_forward(sd, x, dtype=torch.float32, **kw)
-    assert rel_err(out_triton, expect32) < 1e-5, f"seed={seed}"
-    assert rel_err(out_ref, expect32) < 1e-5, f"seed={seed}"
-    assert rel_err(out_torch, expect32) < 1e-5, f"seed={seed}"
-    assert rel_err(out_ref64, official_forward(sd, x, **kw)) < 1e-12, f"seed={seed}"
+    truth = official_forward(sd, x, **kw)
+    tol = 4 * rel_err(official_forward(sd, x, dtype=torch.float32, **kw), truth) + 1e-6
+    for out in (out_triton, out_ref, out_torch):
+        assert rel_err(out, truth) < tol, f"seed={seed}"
+    assert rel_err(out_ref64, truth) < 1e-12, f"seed={seed}"
 
 
 def test_module_float64_through_triton():

@@ -15,7 +15,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .functional import (FLOAT_DTYPES, _check_extent, autocasting, check_backend, deformable_local_attention,
                          empty_output, not_scriptable, refuse_jit)
-from .torch_path import is_exporting
+from kernels import cpu as _cpu
+
+from .torch_path import _traced, is_exporting
 from .naive import align_corners_ratio
 
 
@@ -31,9 +33,16 @@ class LayerNormProxy(nn.Module):
 
 
 def _layer_norm_channels(x, weight, bias, eps):
+    if _native_layer_norm(x, weight):  # no graph to keep: one pass in NCHW, no permuted copies
+        return _cpu.layer_norm_channels(x, weight, bias, eps)
     # the affine after the permute back, so that the result is not a view (see LDAAQU.forward)
     xn = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=eps).permute(0, 3, 1, 2)
     return torch.addcmul(bias[:, None, None], xn, weight[:, None, None])
+
+
+def _native_layer_norm(x, weight) -> bool:
+    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
+        and weight.dtype == x.dtype and not autocasting("cpu") and not _traced() and _cpu.unavailable() is None
 
 
 class BilinearAlignCorners(torch.autograd.Function):
@@ -316,8 +325,12 @@ class LDAAQU(nn.Module):
         def offsets(h, ln_w, ln_b, w, b):  # the offset branch after the depth-wise conv, base grid included
             h = F.gelu(_layer_norm_channels(h.reshape(B * G, D // G, Ho, Wo), ln_w, ln_b, ln.norm.eps),
                        approximate=gelu.approximate)
-            o = F.conv2d(h, w, b, conv.stride, conv.padding).tanh() * self.range_factor
-            return o.reshape(B, -1, Ho, Wo) + self.base_offset.to(o.dtype).repeat(1, G, 1, 1)
+            o = F.conv2d(h, w, b, conv.stride, conv.padding)
+            base = self.base_offset.to(o.dtype).repeat(1, G, 1, 1)
+            if torch.is_grad_enabled():
+                return (o.tanh() * self.range_factor).reshape(B, -1, Ho, Wo) + base
+            # no graph to keep (inference, or the recomputed branch's forward): in place, two passes fewer
+            return o.tanh_().mul_(self.range_factor).reshape(B, -1, Ho, Wo).add_(base)
         if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()):
             # eager training: the branch's layer norm, GELU and tanh outputs (4 maps of D and 2GK channels
             # at output resolution) would be kept for backward; recomputing the branch there costs one
