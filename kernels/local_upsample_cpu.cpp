@@ -144,21 +144,26 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {
 // passes the border clip (per g K + n).
 template <class T>
 struct Corners {
-  int64_t Wo, S;
-  std::vector<int32_t> row_idx;  // [4S, Wo]
+  // a tile of a row at a time: the per-pixel read-out strides by TW, not by the row (at Wo = 1024 a
+  // 4 KiB stride put all 4S reads of a pixel in one cache set); 60 keeps the stride off powers of two
+  static constexpr int64_t TILE = 60;
+  int64_t TW, S;
+  std::vector<int32_t> row_idx;  // [4S, TW]
   std::vector<T> row_bw, row_dby, row_dbx, py, px, zero;
-  std::vector<unsigned char> row_pass;  // [2S, Wo]
+  std::vector<unsigned char> row_pass;  // [2S, TW]
   std::vector<int32_t> idx;  // one pixel's [4S], ...
   std::vector<T> bw, dby, dbx;
   std::vector<unsigned char> pass_y, pass_x;
-  explicit Corners(const Problem& p) : Wo(p.Wo), S(p.G * p.K) {
-    row_idx.resize(4 * S * Wo), row_bw.resize(4 * S * Wo), row_dby.resize(4 * S * Wo), row_dbx.resize(4 * S * Wo);
-    py.resize(Wo), px.resize(Wo), zero.assign(Wo, T(0)), row_pass.assign(2 * S * Wo, 1);
+  explicit Corners(const Problem& p) : TW(std::min(p.Wo, TILE)), S(p.G * p.K) {
+    row_idx.resize(4 * S * TW), row_bw.resize(4 * S * TW), row_dby.resize(4 * S * TW), row_dbx.resize(4 * S * TW);
+    py.resize(TW), px.resize(TW), zero.assign(TW, T(0)), row_pass.assign(2 * S * TW, 1);
     idx.resize(4 * S), bw.resize(4 * S), dby.resize(4 * S), dbx.resize(4 * S), pass_y.resize(S), pass_x.resize(S);
   }
 
-  void row(const Problem& p, int64_t b, int64_t y, bool grad) {
-    const T* x0 = static_cast<const T*>(p.x0);
+  // pixels xb .. xb + nx - 1 (nx <= TW) of output row y
+  void row(const Problem& p, int64_t b, int64_t y, int64_t xb, int64_t nx, bool grad) {
+    const int64_t Wo = TW;
+    const T* x0 = static_cast<const T*>(p.x0) + xb;
     const T* base = static_cast<const T*>(p.base);
     const T* off = static_cast<const T*>(p.offset);
     const int64_t HW = p.Ho * p.Wo, H = p.H, W = p.W;
@@ -167,13 +172,13 @@ struct Corners {
     for (int64_t s = 0; s < S; s++) {
       const int64_t n = s % p.K;
       // without offsets, zeros: 0 + (origin + window) is exactly the grid; unit 1 multiplies exactly
-      const T* oy = p.has_offset ? off + ((b * S + s) * 2) * HW + y * Wo : zero.data();
+      const T* oy = p.has_offset ? off + ((b * S + s) * 2) * HW + y * p.Wo + xb : zero.data();
       const T* ox = p.has_offset ? oy + HW : zero.data();
       const T by = y0 + base[2 * n], bx = base[2 * n + 1];
-      for (int64_t x = 0; x < Wo; x++) py[x] = (oy[x] + by) * uy, px[x] = (ox[x] + (x0[x] + bx)) * ux;
+      for (int64_t x = 0; x < nx; x++) py[x] = (oy[x] + by) * uy, px[x] = (ox[x] + (x0[x] + bx)) * ux;
       unsigned char *pay = &row_pass[2 * s * Wo], *pax = pay + Wo;
       if (p.border) {  // clipped, zero gradient at and past the edge; NaN stays NaN
-        for (int64_t x = 0; x < Wo; x++) {
+        for (int64_t x = 0; x < nx; x++) {
           const T yy = py[x], xx = px[x];
           pay[x] = yy > 0 && yy < limy, pax[x] = xx > 0 && xx < limx;
           py[x] = yy < 0 ? T(0) : yy > limy ? limy : yy;
@@ -184,7 +189,7 @@ struct Corners {
       T* __restrict w = &row_bw[4 * s * Wo];
       const int32_t Wi = int32_t(W), Hi = int32_t(H), one = p.exact ? 0 : 1;
       const T *__restrict qy = py.data(), *__restrict qx = px.data();
-      for (int64_t x = 0; x < Wo; x++) {  // branch-free (& on bools, selects): it vectorises
+      for (int64_t x = 0; x < nx; x++) {  // branch-free (& on bools, selects): it vectorises
         const T cy = std::floor(qy[x]), cx = std::floor(qx[x]);
         const T fy = qy[x] - cy, fx = qx[x] - cx;
         // cells far outside (or NaN) read zero rows only; compared as floats before any int conversion
@@ -201,7 +206,7 @@ struct Corners {
       }
       if (grad) {
         T *__restrict gy = &row_dby[4 * s * Wo], *__restrict gx = &row_dbx[4 * s * Wo];
-        for (int64_t x = 0; x < Wo; x++) {
+        for (int64_t x = 0; x < nx; x++) {
           const T fy = qy[x] - std::floor(qy[x]), fx = qx[x] - std::floor(qx[x]);
           gy[x] = -(1 - fx), gy[Wo + x] = -fx, gy[2 * Wo + x] = 1 - fx, gy[3 * Wo + x] = fx;
           gx[x] = -(1 - fy), gx[Wo + x] = 1 - fy, gx[2 * Wo + x] = -fy, gx[3 * Wo + x] = fy;
@@ -210,7 +215,8 @@ struct Corners {
     }
   }
 
-  void pixel(int64_t x, bool grad) {
+  void pixel(int64_t x, bool grad) {  // x within the tile
+    const int64_t Wo = TW;
     for (int64_t r = 0; r < 4 * S; r++) idx[r] = row_idx[r * Wo + x], bw[r] = row_bw[r * Wo + x];
     if (grad) {
       for (int64_t r = 0; r < 4 * S; r++) dby[r] = row_dby[r * Wo + x], dbx[r] = row_dbx[r * Wo + x];
@@ -294,10 +300,10 @@ void forward(const Problem& p) {
 #pragma omp for schedule(static)
     for (int64_t by = 0; by < p.B * p.Ho; by++) {
       const int64_t b = by / p.Ho, y = by % p.Ho;
-      cs.row(p, b, y, false);
       for (int64_t x = 0; x < p.Wo; x++) {
         const int64_t pix = y * p.Wo + x;
-        cs.pixel(x, false);
+        if (x % cs.TW == 0) cs.row(p, b, y, x, std::min(cs.TW, p.Wo - x), false);
+        cs.pixel(x % cs.TW, false);
         if (p.mode == 3) cs.rows(k + b * HW * p.Dq, p.Dq, zeros.data(), krows.data());
         pixel_weights(p, cs, b, pix, krows.data(), ks.data(), wt.data());
         if (p.mode)
@@ -319,13 +325,13 @@ void forward(const Problem& p) {
 }
 
 // out[idx] += coef * rows[pixel] for every recorded pair of a chunk, channels c0:c1 of a segment,
-// split into one channel slice per thread: no two threads write one element, and each element sums in
-// the pairs' order.
+// split into one channel slice per thread (an orphaned omp for: called inside the backward's team): no
+// two threads write one element, and each element sums in the pairs' order.
 template <class T>
 void scatter(const Problem& p, int64_t n_px, int64_t nsegs, const int64_t* segs, const int32_t* idx,
              const T* coef, const T* rows, T* out, int64_t width) {
   const int64_t K = p.K, nt = p.n_threads;
-#pragma omp parallel for num_threads(nt) schedule(static) collapse(2)
+#pragma omp for schedule(static) collapse(2)
   for (int64_t i = 0; i < nsegs; i++) {
     for (int64_t t = 0; t < nt; t++) {
       const int64_t g = segs[4 * i], c0 = segs[4 * i + 2], c1 = segs[4 * i + 3];
@@ -362,20 +368,23 @@ void backward(const Problem& p) {
                 chunk = R * p.Wo;
   std::vector<int32_t> idx(p.need_v || need_dk ? chunk * p.G * J : 0);
   std::vector<T> coef_v(p.need_v ? chunk * p.n_seg * J : 0), coef_k(need_dk ? chunk * p.n_qseg * J : 0);
-  for (int64_t b = 0; b < p.B; b++) {
-    for (int64_t r0 = 0; r0 < p.Ho; r0 += R) {
-      const int64_t r1 = std::min(r0 + R, p.Ho), p0 = r0 * p.Wo, p1 = r1 * p.Wo;
+  // one team for the whole call (scratch allocated once per thread, not per chunk): every thread walks the
+  // chunks, the omp for loops split each chunk's rows, then its scatters (their barriers order them)
 #pragma omp parallel num_threads(p.n_threads)
-      {
-        Corners<T> cs(p);
-        std::vector<T> wt(p.NH * K), dwc(p.NH * K), a(p.NH * K), gy(p.G * K), gx(p.G * K), cf(J);
-        std::vector<const T*> vrows(p.G * J), krows(p.G * J);
+  {
+    Corners<T> cs(p);
+    std::vector<T> wt(p.NH * K), dwc(p.NH * K), a(p.NH * K), gy(p.G * K), gx(p.G * K), cf(J);
+    std::vector<const T*> vrows(p.G * J), krows(p.G * J);
+    for (int64_t b = 0; b < p.B; b++) {
+      for (int64_t r0 = 0; r0 < p.Ho; r0 += R) {
+        const int64_t r1 = std::min(r0 + R, p.Ho), p0 = r0 * p.Wo, p1 = r1 * p.Wo;
+        {
 #pragma omp for schedule(static)
         for (int64_t y = r0; y < r1; y++) {
-         cs.row(p, b, y, need_off);
          for (int64_t x = 0; x < p.Wo; x++) {
           const int64_t pix = y * p.Wo + x, lp = pix - p0;
-          cs.pixel(x, need_off);
+          if (x % cs.TW == 0) cs.row(p, b, y, x, std::min(cs.TW, p.Wo - x), need_off);
+          cs.pixel(x % cs.TW, need_off);
           for (int64_t i = 0; i < p.NH * K; i++)
             wt[i] = p.mode ? wsaved[((b * p.NH + i / K) * P + pix) * K + i % K] : T(1);
           std::fill(dwc.begin(), dwc.end(), T(0));
@@ -447,10 +456,12 @@ void backward(const Problem& p) {
          }
         }
       }
-      if (p.need_v)
-        scatter(p, p1 - p0, p.n_seg, p.seg, idx.data(), coef_v.data(), dout + (b * P + p0) * C, dv + b * HW * C, C);
-      if (need_dk)
-        scatter(p, p1 - p0, p.n_qseg, p.qseg, idx.data(), coef_k.data(), q + (b * P + p0) * Dq, dk + b * HW * Dq, Dq);
+        if (p.need_v)
+          scatter(p, p1 - p0, p.n_seg, p.seg, idx.data(), coef_v.data(), dout + (b * P + p0) * C, dv + b * HW * C, C);
+        if (need_dk)
+          scatter(p, p1 - p0, p.n_qseg, p.qseg, idx.data(), coef_k.data(), q + (b * P + p0) * Dq, dk + b * HW * Dq,
+                  Dq);
+      }
     }
   }
 }
