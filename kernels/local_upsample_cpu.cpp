@@ -378,84 +378,83 @@ void backward(const Problem& p) {
     for (int64_t b = 0; b < p.B; b++) {
       for (int64_t r0 = 0; r0 < p.Ho; r0 += R) {
         const int64_t r1 = std::min(r0 + R, p.Ho), p0 = r0 * p.Wo, p1 = r1 * p.Wo;
-        {
 #pragma omp for schedule(static)
         for (int64_t y = r0; y < r1; y++) {
-         for (int64_t x = 0; x < p.Wo; x++) {
-          const int64_t pix = y * p.Wo + x, lp = pix - p0;
-          if (x % cs.TW == 0) cs.row(p, b, y, x, std::min(cs.TW, p.Wo - x), need_off);
-          cs.pixel(x % cs.TW, need_off);
-          for (int64_t i = 0; i < p.NH * K; i++)
-            wt[i] = p.mode ? wsaved[((b * p.NH + i / K) * P + pix) * K + i % K] : T(1);
-          std::fill(dwc.begin(), dwc.end(), T(0));
-          std::fill(gy.begin(), gy.end(), T(0));
-          std::fill(gx.begin(), gx.end(), T(0));
-          if (!idx.empty()) std::memcpy(&idx[lp * p.G * J], cs.idx.data(), sizeof(int32_t) * p.G * J);
-          cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
-          const T* drow = dout + (b * P + pix) * C;
-          for (int64_t i = 0; i < p.n_seg; i++) {
-            const int64_t g = p.seg[4 * i], h = p.seg[4 * i + 1], c0 = p.seg[4 * i + 2], c1 = p.seg[4 * i + 3];
-            for (int64_t n = 0; n < K; n++) {
-              const int64_t r = 4 * (g * K + n), s = g * K + n;
-              if (need_off) {  // d loss / d (weight, position y, position x) of the sample
-                T o[3];
-                sampled_dots<T, 3>(drow + c0, vrows.data() + r, {&cs.bw[r], &cs.dby[r], &cs.dbx[r]}, 4, c0, c1 - c0, o);
-                dwc[h * K + n] += o[0], gy[s] += o[1] * wt[h * K + n], gx[s] += o[2] * wt[h * K + n];
-              } else if (need_dw) {
-                T o[1];
-                sampled_dots<T, 1>(drow + c0, vrows.data() + r, {&cs.bw[r]}, 4, c0, c1 - c0, o);
-                dwc[h * K + n] += o[0];
-              }
-            }
-            if (p.need_v) pair_coef(cs, wt.data(), K, g, h, &coef_v[(lp * p.n_seg + i) * J]);
-          }
-          if (p.need_weights && p.mode == 1)
-            for (int64_t i = 0; i < p.NH * K; i++) dwout[((b * p.NH + i / K) * P + pix) * K + i % K] = dwc[i];
-          if (need_dw && p.mode >= 2) {
-            for (int64_t h = 0; h < p.NH; h++) {
-              T s = 0;
-              for (int64_t n = 0; n < K; n++) s += wt[h * K + n] * dwc[h * K + n];
+          for (int64_t x = 0; x < p.Wo; x++) {
+            const int64_t pix = y * p.Wo + x, lp = pix - p0;
+            if (x % cs.TW == 0) cs.row(p, b, y, x, std::min(cs.TW, p.Wo - x), need_off);
+            cs.pixel(x % cs.TW, need_off);
+            for (int64_t i = 0; i < p.NH * K; i++)
+              wt[i] = p.mode ? wsaved[((b * p.NH + i / K) * P + pix) * K + i % K] : T(1);
+            std::fill(dwc.begin(), dwc.end(), T(0));
+            std::fill(gy.begin(), gy.end(), T(0));
+            std::fill(gx.begin(), gx.end(), T(0));
+            if (!idx.empty()) std::memcpy(&idx[lp * p.G * J], cs.idx.data(), sizeof(int32_t) * p.G * J);
+            cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
+            const T* drow = dout + (b * P + pix) * C;
+            for (int64_t i = 0; i < p.n_seg; i++) {
+              const int64_t g = p.seg[4 * i], h = p.seg[4 * i + 1], c0 = p.seg[4 * i + 2], c1 = p.seg[4 * i + 3];
               for (int64_t n = 0; n < K; n++) {
-                const int64_t i = h * K + n;
-                const T d = wt[i] * (dwc[i] - s);
-                dlogit[((b * p.NH + h) * P + pix) * K + n] = d;
-                a[i] = d * T(p.scale);
+                const int64_t r = 4 * (g * K + n), s = g * K + n;
+                if (need_off) {  // d loss / d (weight, position y, position x) of the sample
+                  T o[3];
+                  sampled_dots<T, 3>(drow + c0, vrows.data() + r, {&cs.bw[r], &cs.dby[r], &cs.dbx[r]}, 4, c0, c1 - c0,
+                                     o);
+                  dwc[h * K + n] += o[0], gy[s] += o[1] * wt[h * K + n], gx[s] += o[2] * wt[h * K + n];
+                } else if (need_dw) {
+                  T o[1];
+                  sampled_dots<T, 1>(drow + c0, vrows.data() + r, {&cs.bw[r]}, 4, c0, c1 - c0, o);
+                  dwc[h * K + n] += o[0];
+                }
+              }
+              if (p.need_v) pair_coef(cs, wt.data(), K, g, h, &coef_v[(lp * p.n_seg + i) * J]);
+            }
+            if (p.need_weights && p.mode == 1)
+              for (int64_t i = 0; i < p.NH * K; i++) dwout[((b * p.NH + i / K) * P + pix) * K + i % K] = dwc[i];
+            if (need_dw && p.mode >= 2) {
+              for (int64_t h = 0; h < p.NH; h++) {
+                T s = 0;
+                for (int64_t n = 0; n < K; n++) s += wt[h * K + n] * dwc[h * K + n];
+                for (int64_t n = 0; n < K; n++) {
+                  const int64_t i = h * K + n;
+                  const T d = wt[i] * (dwc[i] - s);
+                  dlogit[((b * p.NH + h) * P + pix) * K + n] = d;
+                  a[i] = d * T(p.scale);
+                }
+              }
+            }
+            if (attention && (need_dq || need_dk || need_off)) {
+              const T* qp = q + (b * P + pix) * Dq;
+              T* dqp = need_dq ? dq + (b * P + pix) * Dq : nullptr;
+              cs.rows(kk + b * HW * Dq, Dq, zeros.data(), krows.data());
+              for (int64_t i = 0; i < p.n_qseg; i++) {
+                const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
+                pair_coef(cs, a.data(), K, g, h, cf.data());
+                if (dqp) combine(dqp + c0, krows.data() + 4 * g * K, cf.data(), J, c0, c1 - c0);
+                if (need_dk) std::memcpy(&coef_k[(lp * p.n_qseg + i) * J], cf.data(), sizeof(T) * J);
+                if (need_off)
+                  for (int64_t n = 0; n < K; n++) {
+                    const int64_t r = 4 * (g * K + n), s = g * K + n;
+                    T o[2];
+                    sampled_dots<T, 2>(qp + c0, krows.data() + r, {&cs.dby[r], &cs.dbx[r]}, 4, c0, c1 - c0, o);
+                    gy[s] += o[0] * a[h * K + n], gx[s] += o[1] * a[h * K + n];
+                  }
+              }
+              if (dqp && p.has_rpb)
+                for (int64_t h = 0; h < p.NH; h++)
+                  for (int64_t n = 0; n < K; n++) axpy(dqp + h * dh, a[h * K + n], rpb + (h * K + n) * dh, dh);
+            }
+            if (need_off) {
+              for (int64_t s = 0; s < p.G * K; s++) {
+                T ty = gy[s], tx = gx[s];
+                if (p.border) ty = cs.pass_y[s] ? ty : T(0), tx = cs.pass_x[s] ? tx : T(0);
+                if (p.align) ty *= T(p.unit_y), tx *= T(p.unit_x);
+                T* o = doff + ((b * p.G * K + s) * 2) * P + pix;
+                o[0] = ty, o[P] = tx;
               }
             }
           }
-          if (attention && (need_dq || need_dk || need_off)) {
-            const T* qp = q + (b * P + pix) * Dq;
-            T* dqp = need_dq ? dq + (b * P + pix) * Dq : nullptr;
-            cs.rows(kk + b * HW * Dq, Dq, zeros.data(), krows.data());
-            for (int64_t i = 0; i < p.n_qseg; i++) {
-              const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
-              pair_coef(cs, a.data(), K, g, h, cf.data());
-              if (dqp) combine(dqp + c0, krows.data() + 4 * g * K, cf.data(), J, c0, c1 - c0);
-              if (need_dk) std::memcpy(&coef_k[(lp * p.n_qseg + i) * J], cf.data(), sizeof(T) * J);
-              if (need_off)
-                for (int64_t n = 0; n < K; n++) {
-                  const int64_t r = 4 * (g * K + n), s = g * K + n;
-                  T o[2];
-                  sampled_dots<T, 2>(qp + c0, krows.data() + r, {&cs.dby[r], &cs.dbx[r]}, 4, c0, c1 - c0, o);
-                  gy[s] += o[0] * a[h * K + n], gx[s] += o[1] * a[h * K + n];
-                }
-            }
-            if (dqp && p.has_rpb)
-              for (int64_t h = 0; h < p.NH; h++)
-                for (int64_t n = 0; n < K; n++) axpy(dqp + h * dh, a[h * K + n], rpb + (h * K + n) * dh, dh);
-          }
-          if (need_off) {
-            for (int64_t s = 0; s < p.G * K; s++) {
-              T ty = gy[s], tx = gx[s];
-              if (p.border) ty = cs.pass_y[s] ? ty : T(0), tx = cs.pass_x[s] ? tx : T(0);
-              if (p.align) ty *= T(p.unit_y), tx *= T(p.unit_x);
-              T* o = doff + ((b * p.G * K + s) * 2) * P + pix;
-              o[0] = ty, o[P] = tx;
-            }
-          }
-         }
         }
-      }
         if (p.need_v)
           scatter(p, p1 - p0, p.n_seg, p.seg, idx.data(), coef_v.data(), dout + (b * P + p0) * C, dv + b * HW * C, C);
         if (need_dk)
