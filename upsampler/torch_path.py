@@ -1,6 +1,7 @@
 """The pure-PyTorch backend of `local_upsample`: fast on CPU, plain torch elsewhere and under export.
 
-On CPU the op is a sparse product. Each output pixel p of offset group g reads 4 bilinear corners of
+On CPU the op runs native kernels (kernels/local_upsample_cpu.cpp, built on first use: kernels.cpu).
+Where they cannot build, it is a sparse product. Each output pixel p of offset group g reads 4 bilinear corners of
 K samples, J = 4K (input row, weight) pairs, so with channels-last tables of the inputs:
 
     out[p]    = sum_j w_n(p) b_j(p) v[idx_j(p)]         embedding_bag, bags of J rows
@@ -230,14 +231,14 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
 def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
               needs):
     """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed."""
+    if _cpu.unavailable() is None:
+        return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
+                                coords, padding, needs)
     acc = _acc(v.dtype)
     B, C, H, W = v.shape
     Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
-    if _cpu.unavailable() is None:
-        return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
-                                coords, padding, needs)
     n_off = n_off and offset is not None
     attention = q is not None and (n_q or n_k or n_rpb or n_off)
     n_dw = attention or n_logits or n_weights
@@ -338,7 +339,6 @@ def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kerne
     return tuple(None if g is None or not n else g.to(x.dtype).contiguous() for g, x, n in zip(grads, ins, needs))
 
 
-# custom ops, so torch.compile traces through the CPU path as one node (no graph break on the sparse ops)
 def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
               padding):
     out, w = _forward(v, offset, q, k, rpb, logits, weights, (Ho, Wo), kernel_size or None, num_groups, num_heads,
@@ -346,6 +346,7 @@ def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_gr
     return out, (w if w is not None else v.new_empty(0, dtype=_acc(v.dtype)))
 
 
+# custom ops, so torch.compile traces through the CPU path as one node (no graph break on the sparse ops)
 @torch.library.custom_op("lda_aqu::local_upsample_cpu", mutates_args=())
 def _fwd_op(v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor], rpb: Optional[Tensor],
             logits: Optional[Tensor], weights: Optional[Tensor], Ho: int, Wo: int, kernel_size: int, num_groups: int,
