@@ -139,7 +139,7 @@ def _per_direction(rows, out, sel, panels, x_key, y_key, ylabel, title, name):
                 continue
             _lines(ax, pts, x_key, line_key, y_key)
             ax.set(xlabel="kernel size k_u (k_u x k_u samples)" if x_key == "k_u" else "scale s", ylabel=ylabel,
-                   yscale="log", title=f"{case} {shape} {dtype}, {d}: ours solid, {BASELINES[case]} dashed")
+                   yscale="log", title=f"{case} {shape} {dtype}, {d}:\nours solid, {BASELINES[case]} dashed")
     fig.suptitle(f"{title}\n{run_label(rows)}")
     return _save(fig, out, name)
 
