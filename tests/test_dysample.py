@@ -95,6 +95,20 @@ def test_op_sampling_gradients(backend):
         dict(v=v, off=off), seed)
 
 
+def test_inference_first_then_training():
+    """The torch path keeps its sampling grid's constants per size: made first under inference_mode
+    they must still be saveable by a training step at that size (inference tensors are not)."""
+    seed = fresh_seed()
+    m = DySample(8, 2, groups=2)
+    torch.nn.init.normal_(m.offset.weight, std=0.5)
+    x = seeded_randn(1, 8, 11, 13, generator=torch.Generator().manual_seed(seed))  # a size no other test uses
+    with torch.inference_mode():
+        first = m(x)
+    out = m(x.clone().requires_grad_())
+    out.square().sum().backward()
+    assert torch.equal(out.detach(), first) and m.offset.weight.grad.abs().sum() > 0, f"seed={seed}"
+
+
 def test_init_is_official():
     m = DySample(64, 2, groups=4, dyscope=True)
     assert 0.0008 < m.offset.weight.std() < 0.0012 and (m.offset.bias == 0).all()

@@ -413,6 +413,41 @@ def refuse_double_backward(op: str):
 refuse_double_backward("lda_aqu::local_upsample_cpu_bwd")
 
 
+@functools.lru_cache(maxsize=64)
+def _half_pixel_grid(H, W, Ho, Wo, dtype, gain):
+    """grid_sample's normalised half-pixel origins [Ho, Wo, (x, y)] and gain times the normalised size of
+    one input pixel (2/W, 2/H): the origin of output column X is (2X + 1) / Wo - 1. Normal tensors even
+    when first made under inference_mode, so a later training step may save them."""
+    with torch.inference_mode(False), torch.no_grad():
+        gx, gy = (torch.linspace(1 / n - 1, 1 - 1 / n, n, dtype=dtype) for n in (Wo, Ho))
+        origin = torch.stack(torch.broadcast_tensors(gx, gy.view(Ho, 1)), -1).contiguous()
+        return origin, torch.tensor([2 * gain / W, 2 * gain / H], dtype=dtype)
+
+
+def one_sample(v, size, o, padding, gain=1.0):
+    """One bilinear sample per output pixel and channel group at its half-pixel position plus gain * o in
+    input pixels. o: [B, G, *rows, *columns, (x, y)], rows (Ho) or (H, s) and columns (Wo) or (W, s): any
+    view of DySample's offsets, whose layout makes grid_sample's (x, y) grid a view. `_plain` in as few
+    ops as DySample's own grid_sample form (on small maps each op's call costs more than its pass)."""
+    (B, C, H, W), (Ho, Wo), G = v.shape, size, o.shape[1]
+    if v.device.type == "cpu" and not _traced():
+        origin, unit = _half_pixel_grid(H, W, Ho, Wo, v.dtype, gain)
+        grid = torch.addcmul(origin.view(o.shape[2:]), o, unit)
+        nan_possible = padding == "border" and bool(o.sum().isnan())
+    else:  # the same, without constants a graph would capture
+        o = o.reshape(B, G, Ho, Wo, 2)
+        # tensor arithmetic on the sizes, which may be symbolic (export with free sizes)
+        ys, xs = (torch.arange(n, dtype=v.dtype, device=v.device) * 2 + 1 for n in (Ho, Wo))
+        grid = torch.stack([xs / Wo - 1 + o[..., 0] * (2 * gain) / W,
+                            ys.view(Ho, 1) / Ho - 1 + o[..., 1] * (2 * gain) / H], -1)
+        nan_possible = padding == "border"
+    grid = grid.reshape(B * G, Ho, Wo, 2)
+    out = F.grid_sample(v.reshape(B * G, C // G, H, W), grid, padding_mode=padding, align_corners=False)
+    if nan_possible:
+        out = out.masked_fill(grid.isnan().any(-1)[:, None], float("nan"))  # see _plain
+    return out.reshape(B, C, Ho, Wo)
+
+
 def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
     """The same op as standard differentiable ops (grid_sample per neighbour): for export, devices
     other than the CPU, and one-sample upsamplers. Samples are taken one neighbour at a time, but
@@ -420,6 +455,8 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     C, H, W = v.shape[1:]
     Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
+    if K == 1 and coords == "half_pixel" and offset is not None:
+        return one_sample(v, size, offset.view(-1, G, 2, Ho, Wo).flip(2).permute(0, 1, 3, 4, 2), padding)
     (y0, uy), (x0, ux) = output_grid(H, Ho, coords, v.dtype, v.device), output_grid(W, Wo, coords, v.dtype, v.device)
     d = base_grid(kernel_size, v.dtype, v.device).view(1, 1, -1, 2, 1, 1)
     if offset is not None:
@@ -499,7 +536,7 @@ def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_
     # keeps the same tensors for backward.
     one_sample = q is None and logits is None and weights is None and \
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
-    if v.device.type != "cpu" or is_exporting() or one_sample:
+    if v.device.type != "cpu" or one_sample or is_exporting():
         return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
                       padding)
     args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
