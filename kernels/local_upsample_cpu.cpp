@@ -84,12 +84,17 @@ inline void combine(T* dst, const T* const* rows, const T* coef, int64_t nr, int
 // the lanes' sum as a pairwise tree (depth log2 L, not L: dots are latency-bound)
 template <class T>
 inline T hsum(typename Vec<T>::type v) {
-  constexpr int L = Vec<T>::L;
-  T a[L];
-  std::memcpy(a, &v, sizeof a);
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; l++) a[l] += a[l + w];
-  return a[0];
+  if constexpr (Vec<T>::L == 8) {  // lane l += lane l + w, for w = 4, 2, 1: in registers
+    typedef int32_t M __attribute__((vector_size(32)));
+    v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+  } else {
+    typedef int64_t M __attribute__((vector_size(32)));
+    v += __builtin_shuffle(v, M{2, 3, 0, 1});
+    v += __builtin_shuffle(v, M{1, 0, 3, 2});
+  }
+  return v[0];
 }
 
 template <class T>
@@ -137,6 +142,57 @@ inline void axpy(T* y, T a, const T* x, int64_t n) {
   for (; c < n; c++) y[c] += a * x[c];
 }
 
+// a square block of vectors transposed in registers: in[i][j] -> out[j][i] (the unpack / shuffle / lane-swap
+// ladder of an AVX transpose, written as GCC shuffles)
+template <class T>
+inline void transpose_block(typename Vec<T>::type (&r)[Vec<T>::L]) {
+  using V = typename Vec<T>::type;
+  if constexpr (Vec<T>::L == 8) {
+    typedef int32_t M __attribute__((vector_size(32)));
+    const M lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const M lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const M lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    V t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = __builtin_shuffle(r[i], r[i + 1], lo), t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+    for (int i = 0; i < 8; i += 4)
+      for (int j = 0; j < 2; j++)
+        u[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], lo2), u[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], hi2);
+    // u[j]: channels j and j + 4 of pixels 0-3 (lanes 0-3 and 4-7); u[j + 4] the same of pixels 4-7
+    for (int j = 0; j < 4; j++)
+      r[j] = __builtin_shuffle(u[j], u[j + 4], lo4), r[j + 4] = __builtin_shuffle(u[j], u[j + 4], hi4);
+  } else {
+    static_assert(Vec<T>::L == 4, "32-byte vectors of 4 or 8 lanes");
+    typedef int64_t M __attribute__((vector_size(32)));
+    const M lo = {0, 4, 2, 6}, hi = {1, 5, 3, 7}, lo2 = {0, 1, 4, 5}, hi2 = {2, 3, 6, 7};
+    const V t0 = __builtin_shuffle(r[0], r[1], lo), t1 = __builtin_shuffle(r[0], r[1], hi);
+    const V t2 = __builtin_shuffle(r[2], r[3], lo), t3 = __builtin_shuffle(r[2], r[3], hi);
+    r[0] = __builtin_shuffle(t0, t2, lo2), r[2] = __builtin_shuffle(t0, t2, hi2);
+    r[1] = __builtin_shuffle(t1, t3, lo2), r[3] = __builtin_shuffle(t1, t3, hi2);
+  }
+}
+
+// rows [n, C] (pixel-major) -> out[c * plane + x] for x < n: L x L blocks through registers, not a
+// strided scalar loop (the output row's transpose was a tenth of the forward)
+template <class T>
+void to_planes(const T* rows, int64_t C, int64_t n, T* out, int64_t plane) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  int64_t c0 = 0;
+  for (; c0 + L <= C; c0 += L) {
+    int64_t x0 = 0;
+    for (; x0 + L <= n; x0 += L) {
+      V r[L];
+      for (int i = 0; i < L; i++) r[i] = load(rows + (x0 + i) * C + c0);
+      transpose_block<T>(r);
+      for (int j = 0; j < L; j++) store(out + (c0 + j) * plane + x0, r[j]);
+    }
+    for (int64_t c = c0; c < c0 + L; c++)
+      for (int64_t x = x0; x < n; x++) std::memcpy(out + c * plane + x, rows + x * C + c, sizeof(T));
+  }
+  for (int64_t c = c0; c < C; c++)  // memcpy: the words may be integers (the corners' indices)
+    for (int64_t x = 0; x < n; x++) std::memcpy(out + c * plane + x, rows + x * C + c, sizeof(T));
+}
+
 // The samples of one output row, computed for the whole row at once (loops over x that vectorise), then
 // read out per pixel: for group g, neighbour n, corner c (00, 01, 10, 11) at r = 4 (g K + n) + c, the
 // map index of the corner (-1 outside: it reads a zero row, so a NaN weight still makes NaN), its
@@ -151,13 +207,17 @@ struct Corners {
   std::vector<int32_t> row_idx;  // [4S, TW]
   std::vector<T> row_bw, row_dby, row_dbx, py, px, zero;
   std::vector<unsigned char> row_pass;  // [2S, TW]
-  std::vector<int32_t> idx;  // one pixel's [4S], ...
-  std::vector<T> bw, dby, dbx;
+  std::vector<int32_t> pix_idx;  // [TW, 4S]: the tile pixel-major, for the read-out
+  std::vector<T> pix_bw;
+  const int32_t* idx = nullptr;  // one pixel's [4S], ...
+  const T* bw = nullptr;
+  std::vector<T> dby, dbx;
   std::vector<unsigned char> pass_y, pass_x;
   explicit Corners(const Problem& p) : TW(std::min(p.Wo, TILE)), S(p.G * p.K) {
     row_idx.resize(4 * S * TW), row_bw.resize(4 * S * TW), row_dby.resize(4 * S * TW), row_dbx.resize(4 * S * TW);
     py.resize(TW), px.resize(TW), zero.assign(TW, T(0)), row_pass.assign(2 * S * TW, 1);
-    idx.resize(4 * S), bw.resize(4 * S), dby.resize(4 * S), dbx.resize(4 * S), pass_y.resize(S), pass_x.resize(S);
+    pix_idx.resize(4 * S * TW), pix_bw.resize(4 * S * TW);
+    dby.resize(4 * S), dbx.resize(4 * S), pass_y.resize(S), pass_x.resize(S);
   }
 
   // pixels xb .. xb + nx - 1 (nx <= TW) of output row y
@@ -213,11 +273,16 @@ struct Corners {
         }
       }
     }
+    // the read-out takes one pixel's 4S corners at a time: the tile turned pixel-major, in register
+    // blocks (a strided copy per pixel was a tenth of the forward); the indices moved as 4-byte words
+    to_planes(row_bw.data(), TW, 4 * S, pix_bw.data(), 4 * S);
+    to_planes(reinterpret_cast<const float*>(row_idx.data()), TW, 4 * S, reinterpret_cast<float*>(pix_idx.data()),
+              4 * S);
   }
 
   void pixel(int64_t x, bool grad) {  // x within the tile
     const int64_t Wo = TW;
-    for (int64_t r = 0; r < 4 * S; r++) idx[r] = row_idx[r * Wo + x], bw[r] = row_bw[r * Wo + x];
+    idx = &pix_idx[x * 4 * S], bw = &pix_bw[x * 4 * S];
     if (grad) {
       for (int64_t r = 0; r < 4 * S; r++) dby[r] = row_dby[r * Wo + x], dbx[r] = row_dbx[r * Wo + x];
       for (int64_t s = 0; s < S; s++) pass_y[s] = row_pass[2 * s * Wo + x], pass_x[s] = row_pass[(2 * s + 1) * Wo + x];
@@ -264,7 +329,7 @@ void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pi
     const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
     for (int64_t n = 0; n < K; n++) {  // q . (the sampled key): the corners combined first
       const int64_t r = 4 * (g * K + n);
-      combine(ks, krows + r, cs.bw.data() + r, 4, c0, c1 - c0);
+      combine(ks, krows + r, cs.bw + r, 4, c0, c1 - c0);
       wt[h * K + n] += dot(qp + c0, ks, c1 - c0);
     }
   }
@@ -281,7 +346,10 @@ void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pi
 // coef[r] = bw[r] * wt[h, n(r)] over the 4K pairs of group g
 template <class T>
 inline void pair_coef(const Corners<T>& cs, const T* wt, int64_t K, int64_t g, int64_t h, T* coef) {
-  for (int64_t r = 0; r < 4 * K; r++) coef[r] = cs.bw[4 * g * K + r] * wt[h * K + r / 4];
+  for (int64_t n = 0; n < K; n++) {
+    const T a = wt[h * K + n], *b = cs.bw + 4 * (g * K + n);
+    coef[4 * n] = b[0] * a, coef[4 * n + 1] = b[1] * a, coef[4 * n + 2] = b[2] * a, coef[4 * n + 3] = b[3] * a;
+  }
 }
 
 template <class T>
@@ -316,10 +384,7 @@ void forward(const Problem& p) {
           combine(row.data() + x * C + c0, vrows.data() + 4 * g * K, coef.data(), 4 * K, c0, c1 - c0);
         }
       }
-      for (int64_t c = 0; c < C; c++) {  // [Wo, C] -> the NCHW output row
-        T* o = out + (b * C + c) * P + y * p.Wo;
-        for (int64_t x = 0; x < p.Wo; x++) o[x] = row[x * C + c];
-      }
+      to_planes(row.data(), C, p.Wo, out + b * C * P + y * p.Wo, P);
     }
   }
 }
@@ -389,7 +454,7 @@ void backward(const Problem& p) {
             std::fill(dwc.begin(), dwc.end(), T(0));
             std::fill(gy.begin(), gy.end(), T(0));
             std::fill(gx.begin(), gx.end(), T(0));
-            if (!idx.empty()) std::memcpy(&idx[lp * p.G * J], cs.idx.data(), sizeof(int32_t) * p.G * J);
+            if (!idx.empty()) std::memcpy(&idx[lp * p.G * J], cs.idx, sizeof(int32_t) * p.G * J);
             cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
             const T* drow = dout + (b * P + pix) * C;
             for (int64_t i = 0; i < p.n_seg; i++) {
