@@ -138,7 +138,8 @@ def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, orig
     keep = []
     p = _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
                  acc, keep)
-    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_cl(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
+    # q NCHW: the kernel transposes a row at a time (q is at output resolution, its copy the largest)
+    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_c(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
                    given=_c(given, acc))
     out = v.new_empty(p.B, p.C, p.Ho, p.Wo, dtype=acc)
     w = v.new_empty(p.B, p.NH, p.Ho * p.Wo, p.K, dtype=acc) if mode != "none" else None

@@ -171,26 +171,27 @@ inline void transpose_block(typename Vec<T>::type (&r)[Vec<T>::L]) {
   }
 }
 
-// rows [n, C] (pixel-major) -> out[c * plane + x] for x < n: L x L blocks through registers, not a
-// strided scalar loop (the output row's transpose was a tenth of the forward)
+// out[j * out_stride + i] = in[i * in_stride + j] for i < n, j < m: L x L blocks through registers, not a
+// strided scalar loop (the output row's transpose alone was a tenth of the forward); words copied as
+// they are (memcpy: they may be integers, the corners' indices)
 template <class T>
-void to_planes(const T* rows, int64_t C, int64_t n, T* out, int64_t plane) {
+void transpose(const T* in, int64_t in_stride, T* out, int64_t out_stride, int64_t n, int64_t m) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L;
-  int64_t c0 = 0;
-  for (; c0 + L <= C; c0 += L) {
-    int64_t x0 = 0;
-    for (; x0 + L <= n; x0 += L) {
+  int64_t j0 = 0;
+  for (; j0 + L <= m; j0 += L) {
+    int64_t i0 = 0;
+    for (; i0 + L <= n; i0 += L) {
       V r[L];
-      for (int i = 0; i < L; i++) r[i] = load(rows + (x0 + i) * C + c0);
+      for (int i = 0; i < L; i++) r[i] = load(in + (i0 + i) * in_stride + j0);
       transpose_block<T>(r);
-      for (int j = 0; j < L; j++) store(out + (c0 + j) * plane + x0, r[j]);
+      for (int j = 0; j < L; j++) store(out + (j0 + j) * out_stride + i0, r[j]);
     }
-    for (int64_t c = c0; c < c0 + L; c++)
-      for (int64_t x = x0; x < n; x++) std::memcpy(out + c * plane + x, rows + x * C + c, sizeof(T));
+    for (int64_t j = j0; j < j0 + L; j++)
+      for (int64_t i = i0; i < n; i++) std::memcpy(out + j * out_stride + i, in + i * in_stride + j, sizeof(T));
   }
-  for (int64_t c = c0; c < C; c++)  // memcpy: the words may be integers (the corners' indices)
-    for (int64_t x = 0; x < n; x++) std::memcpy(out + c * plane + x, rows + x * C + c, sizeof(T));
+  for (int64_t j = j0; j < m; j++)
+    for (int64_t i = 0; i < n; i++) std::memcpy(out + j * out_stride + i, in + i * in_stride + j, sizeof(T));
 }
 
 // The samples of one output row, computed for the whole row at once (loops over x that vectorise), then
@@ -275,9 +276,9 @@ struct Corners {
     }
     // the read-out takes one pixel's 4S corners at a time: the tile turned pixel-major, in register
     // blocks (a strided copy per pixel was a tenth of the forward); the indices moved as 4-byte words
-    to_planes(row_bw.data(), TW, 4 * S, pix_bw.data(), 4 * S);
-    to_planes(reinterpret_cast<const float*>(row_idx.data()), TW, 4 * S, reinterpret_cast<float*>(pix_idx.data()),
-              4 * S);
+    transpose(row_bw.data(), TW, pix_bw.data(), 4 * S, 4 * S, TW);
+    transpose(reinterpret_cast<const float*>(row_idx.data()), TW, reinterpret_cast<float*>(pix_idx.data()), 4 * S,
+              4 * S, TW);
   }
 
   void pixel(int64_t x, bool grad) {  // x within the tile
@@ -306,10 +307,11 @@ void softmax(T* l, int64_t K) {
 }
 
 // The sample weights of one pixel, w [NH, K]: attention softmax(scale * (q . (k + rpb))), given
-// logits' softmax, given weights, or 1. krows: the corners' rows of k; ks: scratch of Dq.
+// logits' softmax, given weights, or 1. qp: the pixel's Dq query channels; krows: the corners' rows of k;
+// ks: scratch of Dq.
 template <class T>
-void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pix, const T* const* krows, T* ks,
-                   T* wt) {
+void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pix, const T* qp, const T* const* krows,
+                   T* ks, T* wt) {
   const int64_t K = p.K, P = p.Ho * p.Wo;
   if (p.mode == 0) {
     for (int64_t i = 0; i < p.NH * K; i++) wt[i] = 1;
@@ -323,7 +325,6 @@ void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pi
       for (int64_t h = 0; h < p.NH; h++) softmax(wt + h * K, K);
     return;
   }
-  const T* qp = static_cast<const T*>(p.q) + (b * P + pix) * p.Dq;
   for (int64_t i = 0; i < p.NH * K; i++) wt[i] = 0;
   for (int64_t i = 0; i < p.n_qseg; i++) {
     const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
@@ -357,23 +358,25 @@ void forward(const Problem& p) {
   const int64_t K = p.K, C = p.C, P = p.Ho * p.Wo, HW = p.H * p.W;
   const T* v = static_cast<const T*>(p.v);
   const T* k = static_cast<const T*>(p.k);
+  const T* q = static_cast<const T*>(p.q);  // NCHW: each output row's queries transposed as the row starts
   T* out = static_cast<T*>(p.out);
   T* wout = static_cast<T*>(p.w);
   const std::vector<T> zeros(C > p.Dq ? C : p.Dq, T(0));
 #pragma omp parallel num_threads(p.n_threads)
   {
     Corners<T> cs(p);
-    std::vector<T> wt(p.NH * K), row(p.Wo * C), ks(p.Dq), coef(4 * K);
+    std::vector<T> wt(p.NH * K), row(p.Wo * C), qrow(p.Wo * p.Dq), ks(p.Dq), coef(4 * K);
     std::vector<const T*> vrows(p.G * K * 4), krows(p.G * K * 4);
 #pragma omp for schedule(static)
     for (int64_t by = 0; by < p.B * p.Ho; by++) {
       const int64_t b = by / p.Ho, y = by % p.Ho;
+      if (p.mode == 3) transpose(q + b * p.Dq * P + y * p.Wo, P, qrow.data(), p.Dq, p.Dq, p.Wo);
       for (int64_t x = 0; x < p.Wo; x++) {
         const int64_t pix = y * p.Wo + x;
         if (x % cs.TW == 0) cs.row(p, b, y, x, std::min(cs.TW, p.Wo - x), false);
         cs.pixel(x % cs.TW, false);
         if (p.mode == 3) cs.rows(k + b * HW * p.Dq, p.Dq, zeros.data(), krows.data());
-        pixel_weights(p, cs, b, pix, krows.data(), ks.data(), wt.data());
+        pixel_weights(p, cs, b, pix, qrow.data() + x * p.Dq, krows.data(), ks.data(), wt.data());
         if (p.mode)
           for (int64_t h = 0; h < p.NH; h++)
             for (int64_t n = 0; n < K; n++) wout[((b * p.NH + h) * P + pix) * K + n] = wt[h * K + n];
@@ -384,7 +387,7 @@ void forward(const Problem& p) {
           combine(row.data() + x * C + c0, vrows.data() + 4 * g * K, coef.data(), 4 * K, c0, c1 - c0);
         }
       }
-      to_planes(row.data(), C, p.Wo, out + b * C * P + y * p.Wo, P);
+      transpose(row.data(), C, out + b * C * P + y * p.Wo, P, p.Wo, C);  // [Wo, C] -> the NCHW output row
     }
   }
 }

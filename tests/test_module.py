@@ -159,13 +159,18 @@ def test_module_float64_through_triton():
         assert rel_err(m(x), expect) < 1e-12, f"seed={seed}"
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_sampling_offsets_are_the_official(grad):
+@pytest.mark.parametrize("grad", [False, True, "bands"], ids=["no_grad", "grad", "no_grad_bands"])
+def test_sampling_offsets_are_the_official(grad, monkeypatch):
     """What sampling_offsets shows is what the official module samples at, with and without the
-    backward's recomputed branch."""
+    backward's recomputed branch, and in bands of rows (a large map at inference; here bands of 8
+    rows, so that the halos cross band and map edges)."""
     seed = fresh_seed()
     C, s, k_u, G, nh, r, H, W = CONFIGS["k_u=5,G=4,nh=2,s=1.5"]
     m, x, sd = build("k_u=5,G=4,nh=2,s=1.5", "torch", seed, dtype=torch.float64)
+    if grad == "bands":
+        monkeypatch.setattr("upsampler.module.OFFSET_BAND_BYTES", 1)
+        grad = False
+        x = torch.cat([x, x.flip(-2)], -2)  # rows enough for several bands
     with torch.set_grad_enabled(grad):
         got = m.sampling_offsets(x)
     expect = official_offsets(sd, x, scale_factor=s, n_groups=G, k_u=k_u)[2]

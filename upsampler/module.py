@@ -205,6 +205,11 @@ def symbolic_scaled(n, s: float):
     return n * ratio[0] // ratio[1] if ratio else math.floor(n * s)
 
 
+# the offset branch's working set per band of rows at inference (LDAAQU._offsets_in_bands), about a
+# core's L2; maps under four bands' worth run whole (a band's calls cost more there than the cache saves)
+OFFSET_BAND_BYTES = 1 << 21
+
+
 class LDAAQU(nn.Module):
     """Learned upsampler: each output pixel attends, with its bilinearly upsampled query, to k_u x k_u
     keys/values sampled around it at learned offsets. [B, C, H, W] -> [B, C, int(H*s), int(W*s)], or
@@ -318,6 +323,10 @@ class LDAAQU(nn.Module):
         q = BilinearAlignCorners.apply(self.proj_q(xn), (Ho, Wo))
         k = self.proj_k(xn)
         dw = self.conv_offset[0]
+        row_bytes = 4 * Wo * (3 * D + 2 * G * self.k_u ** 2)  # q, h and o of one row, and h padded
+        if not torch.is_grad_enabled() and q.device.type == "cpu" and not _traced() and isinstance(Ho * Wo, int) \
+                and Ho * row_bytes > 4 * OFFSET_BAND_BYTES:
+            return q, k, self._offsets_in_bands(q, max(8, OFFSET_BAND_BYTES // row_bytes))
         h = F.conv2d(q, dw.weight.repeat(G, 1, 1, 1), padding=dw.padding, groups=D)
         _, ln, gelu, conv = self.conv_offset
         params = (ln.norm.weight, ln.norm.bias, conv.weight, conv.bias)
@@ -339,6 +348,29 @@ class LDAAQU(nn.Module):
         else:
             offset = offsets(h, *params)
         return q, k, offset
+
+    def _offsets_in_bands(self, q, rows: int):
+        """The offset branch (no graph) on a map larger than the cache, `rows` output rows at a time: each
+        band's depth-wise conv, layer norm, GELU, offset conv and tanh then run in cache, as on a small
+        map (whole-map convs cost 4-5x more per pixel at 1024x1024 than at 128x128). Halo rows come
+        from the map, zero rows only past its edges: the whole-map branch's result."""
+        B, D, Ho, Wo = q.shape
+        G = self.n_groups
+        dw, ln, gelu, conv = self.conv_offset
+        e, d = conv.padding[0], dw.padding[0]
+        w = dw.weight.repeat(G, 1, 1, 1)
+        base = self.base_offset.to(q.dtype).repeat(1, G, 1, 1)
+        out = q.new_empty(B, G * 2 * self.k_u ** 2, Ho, Wo)
+        for r0 in range(0, Ho, rows):
+            r1 = min(Ho, r0 + rows)
+            a, b = max(0, r0 - e), min(Ho, r1 + e)  # the rows of h the band's offset conv reads
+            qa, qb = max(0, a - d), min(Ho, b + d)  # the rows of q their depth-wise conv reads
+            h = F.conv2d(F.pad(q[:, :, qa:qb], (0, 0, d - (a - qa), d - (qb - b))), w, padding=(0, d), groups=D)
+            h = F.gelu(_layer_norm_channels(h.reshape(B * G, D // G, b - a, Wo), ln.norm.weight, ln.norm.bias,
+                                            ln.norm.eps), approximate=gelu.approximate)
+            o = F.conv2d(F.pad(h, (0, 0, e - (r0 - a), e - (b - r1))), conv.weight, conv.bias, conv.stride, (0, e))
+            out[:, :, r0:r1] = o.tanh_().mul_(self.range_factor).reshape(B, -1, r1 - r0, Wo).add_(base)
+        return out
 
     __prepare_scriptable__ = not_scriptable
 
