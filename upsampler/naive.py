@@ -86,7 +86,8 @@ def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padd
             # weight of this corner: 1 - distance along each axis
             w = (iy - y0 if dy else y0 + 1 - iy) * (ix - x0 if dx else x0 + 1 - ix)
             inside = (y >= 0) & (y <= H - 1) & (x >= 0) & (x <= W - 1)
-            idx = torch.where(inside, y * W + x, 0).long()
+            # the index in integers: y * W + x in a half dtype rounds (8191 is 8192 in bfloat16)
+            idx = torch.where(inside, y.clamp(0, H - 1).long() * W + x.clamp(0, W - 1).long(), 0)
             idx = rearrange(idx, "b g k h w -> b g k () (h w)").expand(B, G, K, c, Ho * Wo)
             val = rearrange(torch.gather(flat, -1, idx), "b g k c (h w) -> b g k c h w", h=Ho)
             # a corner outside reads an exact zero, not 0 * v[0, 0] (NaN there would spread everywhere)

@@ -430,6 +430,8 @@ def one_sample(v, size, o, padding, gain=1.0):
     view of DySample's offsets, whose layout makes grid_sample's (x, y) grid a view. `_plain` in as few
     ops as DySample's own grid_sample form (on small maps each op's call costs more than its pass)."""
     (B, C, H, W), (Ho, Wo), G = v.shape, size, o.shape[1]
+    dtype = v.dtype
+    v, o = v.to(_acc(dtype)), o.to(_acc(dtype))  # half inputs: fp32 positions and sums, as the kernels
     if v.device.type == "cpu" and not _traced():
         origin, unit = _half_pixel_grid(H, W, Ho, Wo, v.dtype, gain)
         grid = torch.addcmul(origin.view(o.shape[2:]), o, unit)
@@ -445,7 +447,7 @@ def one_sample(v, size, o, padding, gain=1.0):
     out = F.grid_sample(v.reshape(B * G, C // G, H, W), grid, padding_mode=padding, align_corners=False)
     if nan_possible:
         out = out.masked_fill(grid.isnan().any(-1)[:, None], float("nan"))  # see _plain
-    return out.reshape(B, C, Ho, Wo)
+    return out.reshape(B, C, Ho, Wo).to(dtype)
 
 
 def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
