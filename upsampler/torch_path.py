@@ -426,18 +426,17 @@ def _half_pixel_grid(H, W, Ho, Wo, dtype, gain):
 
 def one_sample(v, size, o, padding, gain=1.0):
     """One bilinear sample per output pixel and channel group at its half-pixel position plus gain * o in
-    input pixels. o: [B, G, *rows, *columns, (x, y)], rows (Ho) or (H, s) and columns (Wo) or (W, s): any
-    view of DySample's offsets, whose layout makes grid_sample's (x, y) grid a view. `_plain` in as few
-    ops as DySample's own grid_sample form (on small maps each op's call costs more than its pass)."""
+    input pixels, o [B, G, Ho, Wo, (x, y)]: a view of DySample's own offsets (x|y, group), in whose
+    layout grid_sample's grid needs no reordering. `_plain` in as few ops as DySample's own
+    grid_sample form (on small maps each op's call costs more than its pass)."""
     (B, C, H, W), (Ho, Wo), G = v.shape, size, o.shape[1]
     dtype = v.dtype
     v, o = v.to(_acc(dtype)), o.to(_acc(dtype))  # half inputs: fp32 positions and sums, as the kernels
     if v.device.type == "cpu" and not _traced():
         origin, unit = _half_pixel_grid(H, W, Ho, Wo, v.dtype, gain)
-        grid = torch.addcmul(origin.view(o.shape[2:]), o, unit)
+        grid = torch.addcmul(origin, o, unit)
         nan_possible = padding == "border" and bool(o.sum().isnan())
     else:  # the same, without constants a graph would capture
-        o = o.reshape(B, G, Ho, Wo, 2)
         # tensor arithmetic on the sizes, which may be symbolic (export with free sizes)
         ys, xs = (torch.arange(n, dtype=v.dtype, device=v.device) * 2 + 1 for n in (Ho, Wo))
         grid = torch.stack([xs / Wo - 1 + o[..., 0] * (2 * gain) / W,
