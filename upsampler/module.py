@@ -323,7 +323,7 @@ class LDAAQU(nn.Module):
         q = BilinearAlignCorners.apply(self.proj_q(xn), (Ho, Wo))
         k = self.proj_k(xn)
         dw = self.conv_offset[0]
-        row_bytes = 4 * Wo * (3 * D + 2 * G * self.k_u ** 2)  # q, h and o of one row, and h padded
+        row_bytes = q.element_size() * Wo * (3 * D + 2 * G * self.k_u ** 2)  # q, h and o of a row, h padded
         if not torch.is_grad_enabled() and q.device.type == "cpu" and not _traced() and isinstance(Ho * Wo, int) \
                 and Ho * row_bytes > 4 * OFFSET_BAND_BYTES:
             return q, k, self._offsets_in_bands(q, max(8, OFFSET_BAND_BYTES // row_bytes))
