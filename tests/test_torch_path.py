@@ -194,6 +194,21 @@ def test_plain_graph_matches_reference():
             assert rel_err(out, ref) < 1e-10, f"{mode} {coords} offsets={offsets}, seed={seed}"
 
 
+def test_plain_graph_one_weighted_sample():
+    """K = 1 at half-pixel positions with offsets takes DySample's grid_sample shortcut only when the
+    sample's weight is 1: given weights still scale it."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    v = seeded_randn(2, 6, 4, 5, dtype=torch.float64, generator=g)
+    size, G = (8, 10), 2
+    off = seeded_randn(2, 2 * G, *size, dtype=torch.float64, generator=g) * 2
+    for weights in (None, seeded_randn(2, 1, 1, *size, dtype=torch.float64, generator=g)):
+        out = torch_path._plain(v, size, off, None, None, None, None, weights, None, G, 1, 1.0, "half_pixel", "border")
+        ref = local_upsample(v, size, offset=off, weights=weights, num_groups=G, coords="half_pixel",
+                             padding="border", backend="reference")
+        assert rel_err(out, ref) < 1e-12, f"weights={weights is not None}, seed={seed}"
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton", "torch", "reference"])
 def test_every_backend_takes_the_plain_graph_while_exporting(backend, monkeypatch):
     v = torch.randn(1)

@@ -456,7 +456,7 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     C, H, W = v.shape[1:]
     Ho, Wo = size
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
-    if K == 1 and coords == "half_pixel" and offset is not None:
+    if K == 1 and coords == "half_pixel" and offset is not None and q is None and logits is None and weights is None:
         return one_sample(v, size, offset.view(-1, G, 2, Ho, Wo).flip(2).permute(0, 1, 3, 4, 2), padding)
     (y0, uy), (x0, ux) = output_grid(H, Ho, coords, v.dtype, v.device), output_grid(W, Wo, coords, v.dtype, v.device)
     d = base_grid(kernel_size, v.dtype, v.device).view(1, 1, -1, 2, 1, 1)
@@ -535,9 +535,9 @@ def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_
     # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose CPU kernel
     # is faster than the native one there (1.7 against 3.2 ms at 1x64x64x64 -> 128^2, 4 groups) and
     # keeps the same tensors for backward.
-    one_sample = q is None and logits is None and weights is None and \
+    single = q is None and logits is None and weights is None and \
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
-    if v.device.type != "cpu" or one_sample or is_exporting():
+    if v.device.type != "cpu" or single or is_exporting():
         return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
                       padding)
     args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
