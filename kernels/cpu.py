@@ -79,6 +79,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
     for name in ("lu_forward_f32", "lu_forward_f64", "lu_backward_f32", "lu_backward_f64"):
         getattr(lib, name).argtypes = [ctypes.POINTER(_Problem)]
         getattr(lib, name).restype = None
+    for name in ("lu_transpose_f32", "lu_transpose_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
+        getattr(lib, name).restype = None
     for name in ("lu_layer_norm_f32", "lu_layer_norm_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int64]
         getattr(lib, name).restype = None
@@ -94,9 +97,31 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
+def _transposed(t: torch.Tensor, shape) -> torch.Tensor:
+    """t [B, n, m] (contiguous, fp32/fp64) transposed into a new contiguous tensor of `shape` ([B, m, n])."""
+    out = t.new_empty(shape)
+    B, n, m = t.shape
+    if out.numel():
+        getattr(_library()[0], "lu_transpose_" + _suffix(t.dtype))(t.data_ptr(), out.data_ptr(), B, n, m,
+                                                                    torch.get_num_threads())
+    return out
+
+
 def _cl(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     """[B, c, h, w] as contiguous channels-last rows [B, h, w, c] in dtype."""
-    return None if t is None else t.to(dtype).permute(0, 2, 3, 1).contiguous()
+    if t is None:
+        return None
+    B, c, h, w = t.shape
+    t = t.to(dtype)
+    if t.is_contiguous():
+        return _transposed(t.reshape(B, c, h * w), (B, h, w, c))
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """Channels-last rows [B, h, w, c] (contiguous) as a contiguous [B, c, h, w]."""
+    B, h, w, c = t.shape
+    return _transposed(t.reshape(B, h * w, c), (B, c, h, w))
 
 
 def _c(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
@@ -130,8 +155,9 @@ def _suffix(acc) -> str:
 
 
 def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
-            padding, acc):
-    """out [B, C, Ho, Wo] in acc and the sample weights w [B, nh, Ho*Wo, K] in acc (None for unit weights).
+            padding, acc, keep_weights=True):
+    """out [B, C, Ho, Wo] in acc and the sample weights w [B, nh, Ho*Wo, K] in acc (None for unit weights, or
+    keep_weights=False: no backward follows).
     offset [B, G*2K, Ho, Wo]; q [B, Dq, Ho, Wo], k [B, Dq, H, W], rpb [nh, K, Dq//nh]; given: logits or
     weights [B, nh, K, Ho, Wo]; segs/qsegs: (group, head, first, end) channel runs of v and q; origins:
     the output rows' and columns' input coordinates; base [K, 2] the window; units per offset unit."""
@@ -142,7 +168,7 @@ def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, orig
     tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_c(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
                    given=_c(given, acc))
     out = v.new_empty(p.B, p.C, p.Ho, p.Wo, dtype=acc)
-    w = v.new_empty(p.B, p.NH, p.Ho * p.Wo, p.K, dtype=acc) if mode != "none" else None
+    w = v.new_empty(p.B, p.NH, p.Ho * p.Wo, p.K, dtype=acc) if mode != "none" and keep_weights else None
     for n, t in dict(tensors, out=out, w=w).items():
         setattr(p, n, _ptr(t))
     if p.B and p.Ho and p.Wo:
@@ -163,12 +189,13 @@ def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, o
     B, C, H, W = v.shape
     Dq, P = p.Dq, p.Ho * p.Wo
     attention = mode == "attention"
-    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_cl(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
-                   w=_c(w, acc), dout=_cl(dout, acc))
+    # q, dout and dq NCHW: the kernel transposes a chunk's rows as it reaches them
+    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_c(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
+                   w=_c(w, acc), dout=_c(dout, acc))
     out = dict(
         dv=v.new_zeros(B, H, W, C, dtype=acc) if n_v else None,
         dk=v.new_zeros(B, H, W, Dq, dtype=acc) if attention and n_k else None,
-        dq=v.new_empty(B, p.Ho, p.Wo, Dq, dtype=acc) if attention and n_q else None,
+        dq=v.new_empty(B, Dq, p.Ho, p.Wo, dtype=acc) if attention and n_q else None,
         dlogit=v.new_empty(B, p.NH, P, K, dtype=acc) if mode in ("attention", "logits") else None,
         dw=v.new_empty(B, p.NH, P, K, dtype=acc) if mode == "weights" and n_w else None,
         doffset=v.new_empty(offset.shape, dtype=acc) if n_off else None)
@@ -177,9 +204,9 @@ def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, o
     p.need_v, p.need_offset, p.need_q, p.need_k, p.need_weights = n_v, n_off, n_q, n_k, n_w
     if p.B and P:
         getattr(_library()[0], "lu_backward_" + _suffix(acc))(ctypes.byref(p))
-    for n in ("dv", "dk", "dq"):
+    for n in ("dv", "dk"):  # NCHW as their inputs: autograd's sums with other gradients stay contiguous
         if out[n] is not None:
-            out[n] = out[n].permute(0, 3, 1, 2)
+            out[n] = _nchw(out[n])
     return out
 
 

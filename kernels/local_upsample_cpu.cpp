@@ -377,7 +377,7 @@ void forward(const Problem& p) {
         cs.pixel(x % cs.TW, false);
         if (p.mode == 3) cs.rows(k + b * HW * p.Dq, p.Dq, zeros.data(), krows.data());
         pixel_weights(p, cs, b, pix, qrow.data() + x * p.Dq, krows.data(), ks.data(), wt.data());
-        if (p.mode)
+        if (wout)  // null: no backward follows
           for (int64_t h = 0; h < p.NH; h++)
             for (int64_t n = 0; n < K; n++) wout[((b * p.NH + h) * P + pix) * K + n] = wt[h * K + n];
         cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
@@ -423,7 +423,7 @@ void backward(const Problem& p) {
   const bool need_dw = attention || p.mode == 2 || p.need_weights;
   const bool need_dk = attention && p.need_k, need_dq = attention && p.need_q;
   const T* v = static_cast<const T*>(p.v);
-  const T* dout = static_cast<const T*>(p.dout);
+  const T* dout = static_cast<const T*>(p.dout);  // NCHW, as q and dq: a chunk's rows transposed as they start
   const T* q = static_cast<const T*>(p.q);
   const T* kk = static_cast<const T*>(p.k);
   const T* rpb = static_cast<const T*>(p.rpb);
@@ -436,6 +436,8 @@ void backward(const Problem& p) {
                 chunk = R * p.Wo;
   std::vector<int32_t> idx(p.need_v || need_dk ? chunk * p.G * J : 0);
   std::vector<T> coef_v(p.need_v ? chunk * p.n_seg * J : 0), coef_k(need_dk ? chunk * p.n_qseg * J : 0);
+  // the chunk's dout and q channels-last: read per pixel, and by the scatters
+  std::vector<T> dchunk(chunk * C), qchunk(attention ? chunk * Dq : 0);
   // one team for the whole call (scratch allocated once per thread, not per chunk): every thread walks the
   // chunks, the omp for loops split each chunk's rows, then its scatters (their barriers order them)
 #pragma omp parallel num_threads(p.n_threads)
@@ -443,11 +445,14 @@ void backward(const Problem& p) {
     Corners<T> cs(p);
     std::vector<T> wt(p.NH * K), dwc(p.NH * K), a(p.NH * K), gy(p.G * K), gx(p.G * K), cf(J);
     std::vector<const T*> vrows(p.G * J), krows(p.G * J);
+    std::vector<T> dqrow(need_dq ? p.Wo * Dq : 0);
     for (int64_t b = 0; b < p.B; b++) {
       for (int64_t r0 = 0; r0 < p.Ho; r0 += R) {
         const int64_t r1 = std::min(r0 + R, p.Ho), p0 = r0 * p.Wo, p1 = r1 * p.Wo;
 #pragma omp for schedule(static)
         for (int64_t y = r0; y < r1; y++) {
+          transpose(dout + b * C * P + y * p.Wo, P, &dchunk[(y - r0) * p.Wo * C], C, C, p.Wo);
+          if (attention) transpose(q + b * Dq * P + y * p.Wo, P, &qchunk[(y - r0) * p.Wo * Dq], Dq, Dq, p.Wo);
           for (int64_t x = 0; x < p.Wo; x++) {
             const int64_t pix = y * p.Wo + x, lp = pix - p0;
             if (x % cs.TW == 0) cs.row(p, b, y, x, std::min(cs.TW, p.Wo - x), need_off);
@@ -459,7 +464,7 @@ void backward(const Problem& p) {
             std::fill(gx.begin(), gx.end(), T(0));
             if (!idx.empty()) std::memcpy(&idx[lp * p.G * J], cs.idx, sizeof(int32_t) * p.G * J);
             cs.rows(v + b * HW * C, C, zeros.data(), vrows.data());
-            const T* drow = dout + (b * P + pix) * C;
+            const T* drow = &dchunk[lp * C];
             for (int64_t i = 0; i < p.n_seg; i++) {
               const int64_t g = p.seg[4 * i], h = p.seg[4 * i + 1], c0 = p.seg[4 * i + 2], c1 = p.seg[4 * i + 3];
               for (int64_t n = 0; n < K; n++) {
@@ -492,8 +497,8 @@ void backward(const Problem& p) {
               }
             }
             if (attention && (need_dq || need_dk || need_off)) {
-              const T* qp = q + (b * P + pix) * Dq;
-              T* dqp = need_dq ? dq + (b * P + pix) * Dq : nullptr;
+              const T* qp = &qchunk[lp * Dq];
+              T* dqp = need_dq ? &dqrow[x * Dq] : nullptr;
               cs.rows(kk + b * HW * Dq, Dq, zeros.data(), krows.data());
               for (int64_t i = 0; i < p.n_qseg; i++) {
                 const int64_t g = p.qseg[4 * i], h = p.qseg[4 * i + 1], c0 = p.qseg[4 * i + 2], c1 = p.qseg[4 * i + 3];
@@ -522,12 +527,11 @@ void backward(const Problem& p) {
               }
             }
           }
+          if (need_dq) transpose(dqrow.data(), Dq, dq + b * Dq * P + y * p.Wo, P, p.Wo, Dq);
         }
-        if (p.need_v)
-          scatter(p, p1 - p0, p.n_seg, p.seg, idx.data(), coef_v.data(), dout + (b * P + p0) * C, dv + b * HW * C, C);
+        if (p.need_v) scatter(p, p1 - p0, p.n_seg, p.seg, idx.data(), coef_v.data(), dchunk.data(), dv + b * HW * C, C);
         if (need_dk)
-          scatter(p, p1 - p0, p.n_qseg, p.qseg, idx.data(), coef_k.data(), q + (b * P + p0) * Dq, dk + b * HW * Dq,
-                  Dq);
+          scatter(p, p1 - p0, p.n_qseg, p.qseg, idx.data(), coef_k.data(), qchunk.data(), dk + b * HW * Dq, Dq);
       }
     }
   }
@@ -562,6 +566,20 @@ void layer_norm_channels(const T* x, const T* w, const T* b, T* out, int64_t N, 
   }
 }
 
+// out[b] = in[b]^T for B matrices [n, m] (NCHW <-> channels-last: n channels, m pixels, or back), in
+// tiles through the register blocks; torch's strided copy of a permuted map ran at ~1.5 GB/s
+template <class T>
+void transpose_batched(const T* in, T* out, int64_t B, int64_t n, int64_t m, int64_t n_threads) {
+  constexpr int64_t TB = 64;  // a tile's rows in L1 on both sides
+  const int64_t tn = (n + TB - 1) / TB, tm = (m + TB - 1) / TB;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t t = 0; t < B * tn * tm; t++) {
+    const int64_t b = t / (tn * tm), i0 = t / tm % tn * TB, j0 = t % tm * TB;
+    transpose(in + b * n * m + i0 * m + j0, m, out + b * n * m + j0 * n + i0, n, std::min(TB, n - i0),
+              std::min(TB, m - j0));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -572,6 +590,12 @@ void lu_layer_norm_f32(const float* x, const float* w, const float* b, float* ou
 void lu_layer_norm_f64(const double* x, const double* w, const double* b, double* out, int64_t N, int64_t C,
                        int64_t HW, double eps, int64_t n_threads) {
   layer_norm_channels(x, w, b, out, N, C, HW, eps, n_threads);
+}
+void lu_transpose_f32(const float* in, float* out, int64_t B, int64_t n, int64_t m, int64_t n_threads) {
+  transpose_batched(in, out, B, n, m, n_threads);
+}
+void lu_transpose_f64(const double* in, double* out, int64_t B, int64_t n, int64_t m, int64_t n_threads) {
+  transpose_batched(in, out, B, n, m, n_threads);
 }
 void lu_forward_f32(const Problem* p) { forward<float>(*p); }
 void lu_forward_f64(const Problem* p) { forward<double>(*p); }

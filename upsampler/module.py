@@ -93,30 +93,68 @@ def _tent_transposed(g: torch.Tensor, n_in: int, dim: int) -> torch.Tensor:
 
 
 class _Recomputed(torch.autograd.Function):
-    """fn(*args), whose backward runs fn again under autograd: only args are kept for the backward.
-    args are the branch's input and the parameters fn reads, so that their gradients flow."""
+    """The offset rows of band(q, rows, *params) for every band of `rows` output rows, whose backward
+    runs each band again under autograd: only q and the parameters are kept. band(qs, r0, r1, Ho,
+    *params) computes output rows r0:r1 from qs, the rows reads(Ho, r0, r1) of q; each band's gradient
+    lands in those rows, so a band's working set stays in cache however large the map (one band where
+    rows >= Ho)."""
 
     @staticmethod
-    def forward(ctx, fn, *args):
-        dev = args[0].device.type
-        ctx.fn, ctx.device = fn, dev
+    def forward(ctx, band, reads, rows, q, *params):
+        dev = q.device.type
+        ctx.band, ctx.reads, ctx.rows, ctx.device = band, reads, rows, dev
         ctx.autocast_dtype = torch.get_autocast_dtype(dev) if autocasting(dev) else None
-        ctx.save_for_backward(*args)
-        return fn(*args)
+        ctx.save_for_backward(q, *params)
+        return _bands(band, reads, rows, q, params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        args = [a.detach().requires_grad_(n) for a, n in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        dev, dtype = ctx.device, ctx.autocast_dtype
+        q, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad[3:]
+        dev, dtype, Ho = ctx.device, ctx.autocast_dtype, q.shape[2]
         # the forward's autocast state again (devices without autocast, e.g. meta, have none to set)
         cast = torch.autocast(dev, dtype, enabled=dtype is not None) if torch.amp.is_autocast_available(dev) \
             else contextlib.nullcontext()
-        with torch.enable_grad(), cast:
-            out = ctx.fn(*args)
-        need = [a for a in args if a.requires_grad]
-        grads = iter(torch.autograd.grad(out, need, grad, allow_unused=True) if need else ())
-        return (None, *(next(grads) if a.requires_grad else None for a in args))
+        ps = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
+        dq, dps = None, [None] * len(ps)
+        for r0 in range(0, Ho, ctx.rows):
+            r1 = min(Ho, r0 + ctx.rows)
+            qa, qb = ctx.reads(Ho, r0, r1)
+            qs = q[:, :, qa:qb].detach().requires_grad_(needs[0])
+            with torch.enable_grad(), cast:
+                out = ctx.band(qs, r0, r1, Ho, *ps)
+            leaves = [t for t in (qs, *ps) if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, leaves, grad[:, :, r0:r1], allow_unused=True) if leaves else ())
+            if needs[0]:
+                g = next(grads)
+                if dq is None and (qa, qb) == (0, Ho):
+                    dq = g
+                else:
+                    dq = torch.zeros_like(q) if dq is None else dq
+                    dq[:, :, qa:qb] += g
+            for i, p in enumerate(ps):
+                if p.requires_grad:
+                    g = next(grads)
+                    dps[i] = g if dps[i] is None else dps[i] + g
+        return (None, None, None, dq, *dps)
+
+
+def _bands(band, reads, rows: int, q, params):
+    """band's rows for every band, without a graph (inference, and the forward of _Recomputed)."""
+    Ho = q.shape[2]
+    if rows >= Ho:
+        return band(q, 0, Ho, Ho, *params)
+    out = None
+    for r0 in range(0, Ho, rows):
+        r1 = min(Ho, r0 + rows)
+        qa, qb = reads(Ho, r0, r1)
+        o = band(q[:, :, qa:qb], r0, r1, Ho, *params)
+        if out is None:
+            out = o.new_empty(*o.shape[:2], Ho, o.shape[3])
+        # (torch.tanh(..., out=) into the strided rows cost more than this copy at 1024x1024)
+        out[:, :, r0:r1] = o
+    return out
 
 
 def _positive_int(name: str, value) -> int:
@@ -205,7 +243,7 @@ def symbolic_scaled(n, s: float):
     return n * ratio[0] // ratio[1] if ratio else math.floor(n * s)
 
 
-# the offset branch's working set per band of rows at inference (LDAAQU._offsets_in_bands), about a
+# the offset branch's working set per band of rows (LDAAQU._offset_band), about a
 # core's L2; maps under four bands' worth run whole (a band's calls cost more there than the cache saves)
 OFFSET_BAND_BYTES = 1 << 21
 
@@ -322,55 +360,60 @@ class LDAAQU(nn.Module):
         xn = self.layer_norm(x)
         q = BilinearAlignCorners.apply(self.proj_q(xn), (Ho, Wo))
         k = self.proj_k(xn)
-        dw = self.conv_offset[0]
-        row_bytes = q.element_size() * Wo * (3 * D + 2 * G * self.k_u ** 2)  # q, h and o of a row, h padded
-        if not torch.is_grad_enabled() and q.device.type == "cpu" and not _traced() and isinstance(Ho * Wo, int) \
-                and Ho * row_bytes > 4 * OFFSET_BAND_BYTES:
-            return q, k, self._offsets_in_bands(q, max(8, OFFSET_BAND_BYTES // row_bytes))
-        h = F.conv2d(q, dw.weight.repeat(G, 1, 1, 1), padding=dw.padding, groups=D)
-        _, ln, gelu, conv = self.conv_offset
-        params = (ln.norm.weight, ln.norm.bias, conv.weight, conv.bias)
-
-        def offsets(h, ln_w, ln_b, w, b):  # the offset branch after the depth-wise conv, base grid included
-            h = F.gelu(_layer_norm_channels(h.reshape(B * G, D // G, Ho, Wo), ln_w, ln_b, ln.norm.eps),
-                       approximate=gelu.approximate)
-            o = F.conv2d(h, w, b, conv.stride, conv.padding)
-            base = self.base_offset.to(o.dtype).repeat(1, G, 1, 1)
-            if torch.is_grad_enabled():
-                return (o.tanh() * self.range_factor).reshape(B, -1, Ho, Wo) + base
-            # no graph to keep (inference, or the recomputed branch's forward): in place, two passes fewer
-            return o.tanh_().mul_(self.range_factor).reshape(B, -1, Ho, Wo).add_(base)
-        if torch.is_grad_enabled() and not (torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()):
-            # eager training: the branch's layer norm, GELU and tanh outputs (4 maps of D and 2GK channels
-            # at output resolution) would be kept for backward; recomputing the branch there costs one
-            # small conv and keeps only h
-            offset = _Recomputed.apply(offsets, h, *params)
-        else:
-            offset = offsets(h, *params)
-        return q, k, offset
-
-    def _offsets_in_bands(self, q, rows: int):
-        """The offset branch (no graph) on a map larger than the cache, `rows` output rows at a time: each
-        band's depth-wise conv, layer norm, GELU, offset conv and tanh then run in cache, as on a small
-        map (whole-map convs cost 4-5x more per pixel at 1024x1024 than at 128x128). Halo rows come
-        from the map, zero rows only past its edges: the whole-map branch's result."""
-        B, D, Ho, Wo = q.shape
-        G = self.n_groups
         dw, ln, gelu, conv = self.conv_offset
+        params = (dw.weight, ln.norm.weight, ln.norm.bias, conv.weight, conv.bias)
+        if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing():
+            # the graph compile and export take: every branch output kept, no bands
+            h = F.conv2d(q, dw.weight.repeat(G, 1, 1, 1), padding=dw.padding, groups=D)
+            return q, k, self._offset_rows(h, *params[1:])
+        rows = Ho
+        row_bytes = q.element_size() * Wo * (3 * D + 2 * G * self.k_u ** 2)  # q, h and o of a row, h padded
+        if q.device.type == "cpu" and not _traced() and isinstance(Ho * Wo, int) and Ho * row_bytes > 4 * OFFSET_BAND_BYTES:
+            rows = max(8, OFFSET_BAND_BYTES // row_bytes)
+        if torch.is_grad_enabled():
+            # eager training: the branch's outputs (h, the layer norm's, GELU's and tanh's: 4 maps of D and 2GK
+            # channels at output resolution) would be kept for backward; recomputing it there keeps only q
+            return q, k, _Recomputed.apply(self._offset_band, self._band_reads, rows, q, *params)
+        return q, k, _bands(self._offset_band, self._band_reads, rows, q, params)
+
+    def _band_reads(self, Ho: int, r0: int, r1: int) -> tuple[int, int]:
+        """The rows of q that offset rows r0:r1 read: the offset conv's and the depth-wise conv's halos."""
+        e, d = self.conv_offset[3].padding[0], self.conv_offset[0].padding[0]
+        return max(0, r0 - e - d), min(Ho, r1 + e + d)
+
+    def _offset_band(self, qs, r0: int, r1: int, Ho: int, dw_w, ln_w, ln_b, w, b):
+        """Offset rows r0:r1 of a map of Ho rows from qs, q's rows _band_reads(Ho, r0, r1): halo rows come
+        from the map, zero rows only past its edges, so that bands give the whole-map branch's result
+        (whole-map convs cost 4-5x more per pixel at 1024x1024 than at 128x128 on CPU: a band runs in cache)."""
+        dw, conv = self.conv_offset[0], self.conv_offset[3]
         e, d = conv.padding[0], dw.padding[0]
-        w = dw.weight.repeat(G, 1, 1, 1)
-        base = self.base_offset.to(q.dtype).repeat(1, G, 1, 1)
-        out = q.new_empty(B, G * 2 * self.k_u ** 2, Ho, Wo)
-        for r0 in range(0, Ho, rows):
-            r1 = min(Ho, r0 + rows)
-            a, b = max(0, r0 - e), min(Ho, r1 + e)  # the rows of h the band's offset conv reads
-            qa, qb = max(0, a - d), min(Ho, b + d)  # the rows of q their depth-wise conv reads
-            h = F.conv2d(F.pad(q[:, :, qa:qb], (0, 0, d - (a - qa), d - (qb - b))), w, padding=(0, d), groups=D)
-            h = F.gelu(_layer_norm_channels(h.reshape(B * G, D // G, b - a, Wo), ln.norm.weight, ln.norm.bias,
-                                            ln.norm.eps), approximate=gelu.approximate)
-            o = F.conv2d(F.pad(h, (0, 0, e - (r0 - a), e - (b - r1))), conv.weight, conv.bias, conv.stride, (0, e))
-            out[:, :, r0:r1] = o.tanh_().mul_(self.range_factor).reshape(B, -1, r1 - r0, Wo).add_(base)
-        return out
+        qa, qb = self._band_reads(Ho, r0, r1)
+        a, b_ = max(0, r0 - e), min(Ho, r1 + e)  # the rows of h the band's offset conv reads
+        wt = dw_w.repeat(self.n_groups, 1, 1, 1)
+        if r0 == 0 and r1 == Ho:  # the whole map: the convs' own zero padding
+            h = F.conv2d(qs, wt, padding=dw.padding, groups=self.hidden_dim)
+            return self._offset_rows(h, ln_w, ln_b, w, b)
+        h = F.conv2d(F.pad(qs, (0, 0, d - (a - qa), d - (qb - b_))), wt, padding=(0, d), groups=self.hidden_dim)
+        return self._offset_rows(h, ln_w, ln_b, w, b, (e - (r0 - a), e - (b_ - r1)))
+
+    def _offset_rows(self, h, ln_w, ln_b, w, b, pad=None):
+        """The offset branch after the depth-wise conv, base grid included: h [B, D, rows, Wo] -> offsets
+        [B, G*2K, rows - pad's, Wo]; pad: the zero rows above and below h (None: the offset conv's own
+        padding)."""
+        B, D, rows, Wo = h.shape
+        G = self.n_groups
+        _, ln, gelu, conv = self.conv_offset
+        h = F.gelu(_layer_norm_channels(h.reshape(B * G, D // G, rows, Wo), ln_w, ln_b, ln.norm.eps),
+                   approximate=gelu.approximate)
+        if pad is None:
+            o = F.conv2d(h, w, b, conv.stride, conv.padding)
+        else:
+            o = F.conv2d(F.pad(h, (0, 0, *pad)), w, b, conv.stride, (0, conv.padding[1]))
+        base = self.base_offset.to(o.dtype).repeat(1, G, 1, 1)
+        if torch.is_grad_enabled():
+            return (o.tanh() * self.range_factor).reshape(B, -1, *o.shape[2:]) + base
+        # no graph to keep (inference, or the recomputed branch's forward): in place, two passes fewer
+        return o.tanh_().mul_(self.range_factor).reshape(B, -1, *o.shape[2:]).add_(base)
 
     __prepare_scriptable__ = not_scriptable
 

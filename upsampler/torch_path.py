@@ -195,12 +195,13 @@ def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, a
                 base=base_grid(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)))
 
 
-def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding):
+def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, keep=True):
+    """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none."""
     acc = _acc(v.dtype)
     if _cpu.unavailable() is None:
         a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
-                              scale=scale, coords=coords, padding=padding, acc=acc)
+                              scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep)
         return out.to(v.dtype), w
     B, C, H, W = v.shape
     Ho, Wo = size
@@ -544,4 +545,7 @@ def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_
             coords, padding)
     if _traced():
         return torch.ops.lda_aqu.local_upsample_cpu(*args)[0]
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args[:7]):
+        return _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size or None, num_groups, num_heads,
+                        scale, coords, padding, keep=False)[0]
     return _Eager.apply(*args)
