@@ -364,8 +364,7 @@ class LDAAQU(nn.Module):
         params = (dw.weight, ln.norm.weight, ln.norm.bias, conv.weight, conv.bias)
         if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing():
             # the graph compile and export take: every branch output kept, no bands
-            h = F.conv2d(q, dw.weight.repeat(G, 1, 1, 1), padding=dw.padding, groups=D)
-            return q, k, self._offset_rows(h, *params[1:])
+            return q, k, self._offset_band(q, 0, Ho, Ho, *params)
         rows = Ho
         row_bytes = q.element_size() * Wo * (3 * D + 2 * G * self.k_u ** 2)  # q, h and o of a row, h padded
         if q.device.type == "cpu" and not _traced() and isinstance(Ho * Wo, int) and Ho * row_bytes > 4 * OFFSET_BAND_BYTES:
@@ -386,13 +385,13 @@ class LDAAQU(nn.Module):
         from the map, zero rows only past its edges, so that bands give the whole-map branch's result
         (whole-map convs cost 4-5x more per pixel at 1024x1024 than at 128x128 on CPU: a band runs in cache)."""
         dw, conv = self.conv_offset[0], self.conv_offset[3]
-        e, d = conv.padding[0], dw.padding[0]
-        qa, qb = self._band_reads(Ho, r0, r1)
-        a, b_ = max(0, r0 - e), min(Ho, r1 + e)  # the rows of h the band's offset conv reads
         wt = dw_w.repeat(self.n_groups, 1, 1, 1)
         if r0 == 0 and r1 == Ho:  # the whole map: the convs' own zero padding
             h = F.conv2d(qs, wt, padding=dw.padding, groups=self.hidden_dim)
             return self._offset_rows(h, ln_w, ln_b, w, b)
+        e, d = conv.padding[0], dw.padding[0]
+        qa, qb = self._band_reads(Ho, r0, r1)
+        a, b_ = max(0, r0 - e), min(Ho, r1 + e)  # the rows of h the band's offset conv reads
         h = F.conv2d(F.pad(qs, (0, 0, d - (a - qa), d - (qb - b_))), wt, padding=(0, d), groups=self.hidden_dim)
         return self._offset_rows(h, ln_w, ln_b, w, b, (e - (r0 - a), e - (b_ - r1)))
 
