@@ -68,6 +68,14 @@ def test_flags_are_honoured_and_list_is_what_runs(capsys):
 
 
 @CPU_ONLY
+@pytest.mark.parametrize("tunables", ["", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"])
+def test_every_row_records_the_allocator_setting(tunables, monkeypatch):
+    # glibc's tunables move the CPU's cost on large maps by up to 1.4x (page faults): a row must say which
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    row = bench.meta()
+    assert row["malloc"] == tunables and set(row) <= set(bench.FIELDS)
+
+
 def test_a_baseline_too_big_for_the_budget_is_refused(monkeypatch):
     build = bench.module_build((1, 16, 6, 8), 3, 2)
     kept = bench.traced(build, True, lambda fns: {b: bench.kept_for_backward(f) for b, f in fns.items()})
