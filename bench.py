@@ -62,8 +62,8 @@ DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}
 BASELINES = bench_plots.BASELINES
 GUIDED = ("sapa", "sapadeform", "fade")
 FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "malloc", "case", "backend", "direction", "dtype",
-          "k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s", "gb_per_s", "floor_bytes",
-          "saved_for_backward_bytes", "peak_cuda_bytes", "gflops", "matmul_gflops_per_s", "limit_ms",
+          "k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s", "gb_per_s",
+          "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes", "gflops", "matmul_gflops_per_s", "limit_ms",
           "limit_fraction", "load_before", "load_after", "rel_err", "dynamo", "status"]
 G, NH, R = 2, 1, 4  # LDAAQU's groups, heads and channel reduction (the official defaults)
 WORKLOAD, TARGET_MAP = (1, 256, 50, 84), (1, 128, 40, 60)
@@ -648,11 +648,10 @@ def main(argv=None):
     if GPU:
         rows = run_gpu(comps, args.dtypes)
     else:
-        rate = matmul_rate()
+        rate, tunables = matmul_rate(), meta()["malloc"]
         print(f"{device_name()}, {torch.get_num_threads()} thread(s): fp32 matmul {rate:.1f} GFLOP/s "
               f"(1024^2, min of 10), load average {os.getloadavg()[0]:.2f}"
-              f"{', GLIBC_TUNABLES=' + os.environ['GLIBC_TUNABLES'] if os.environ.get('GLIBC_TUNABLES') else ''}",
-              flush=True)
+              + (f", GLIBC_TUNABLES={tunables}" if tunables else ""), flush=True)
         rows = run_cpu(comps, rate, 0.3 if args.quick else 2.0) + memory_rows(args.memory_channels, args.shapes[0][2:], args.kernel_sizes,
                                                    args.scales)
     path = os.path.join(out, "bench.csv")

@@ -67,7 +67,6 @@ def test_flags_are_honoured_and_list_is_what_runs(capsys):
         "memory LDAAQU/torch LDAAQU/triton official-style 1x16x6x8 k_u=3 s=2 1.5 (kept for backward, traced)"])
 
 
-@CPU_ONLY
 @pytest.mark.parametrize("tunables", ["", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"])
 def test_every_row_records_the_allocator_setting(tunables, monkeypatch):
     # glibc's tunables move the CPU's cost on large maps by up to 1.4x (page faults): a row must say which
@@ -76,6 +75,7 @@ def test_every_row_records_the_allocator_setting(tunables, monkeypatch):
     assert row["malloc"] == tunables and set(row) <= set(bench.FIELDS)
 
 
+@CPU_ONLY
 def test_a_baseline_too_big_for_the_budget_is_refused(monkeypatch):
     build = bench.module_build((1, 16, 6, 8), 3, 2)
     kept = bench.traced(build, True, lambda fns: {b: bench.kept_for_backward(f) for b, f in fns.items()})
