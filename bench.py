@@ -2,8 +2,8 @@
 beside their plain PyTorch forms, forward and forward+backward:
 
     python bench.py [--quick] [--out DIR] [--shape B C H W [--shape ...]] [--kernel-sizes ..] [--scales ..]
-                    [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--list]
-    python bench.py --sizes [SIDE ...] [--shape 1 C 1 1] [--threads N]
+                    [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--budget-gib G] [--list]
+    python bench.py --sizes [SIDE ...] [--shape 1 C 1 1] [--threads N] [--budget-gib G]
 
 On a CPU: the LDAAQU module (the torch path) against the official-style module (same weights) at every
 k_u x scale x shape, CARAFE (each odd up_kernel among the kernel sizes, integer scales) against the
@@ -14,7 +14,8 @@ implementations interleaved after one warm-up, min, median and max of at least 3
 load average before and after each case; what autograd keeps for the backward (traced on fake
 tensors, so no memory is spent on it), also at narrow maps and for the Triton backend; the FLOPs of
 each point (FlopCounterMode with the op's registered formula) over a torch.matmul probe's fp32 rate.
-A baseline whose estimated memory would not fit is refused with its estimate. On a GPU: also the Triton
+A baseline whose estimated memory would not fit (half the memory, or --budget-gib) is refused with its
+estimate. On a GPU: also the Triton
 op against the eager reference and torch.compile of it, with GB/s on the op's byte floor.
 
 --sizes: the cost against size instead, LDAAQU (C = 64 unless --shape gives another C) at k_u=3, s=2
@@ -241,7 +242,7 @@ def refusals(build) -> dict:
     they keep for backward (the backward holds gradients as large as what it reads)."""
     kept = traced(build, True, lambda fns: {b: kept_for_backward(f) for b, f in fns.items()})
     return {b: f"refused: needs ~{2 * n / 2 ** 30:.1f} GiB (twice the {n / 2 ** 30:.1f} GiB it keeps for backward, "
-               f"traced), over the {BUDGET / 2 ** 30:.0f} GiB budget" for b, n in kept.items() if 2 * n > BUDGET}
+               f"traced), over the {BUDGET / 2 ** 30:.3g} GiB budget" for b, n in kept.items() if 2 * n > BUDGET}
 
 
 def matmul_rate(n=1024, reps=10) -> float:
@@ -551,6 +552,9 @@ def parse(argv=None):
     ap.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
                     help="default: fp32 bf16 on a GPU; the CPU comparison runs fp32 only")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 2; CPU runs only)")
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help=f"refuse a CPU case whose estimated peak exceeds this (default {BUDGET / 2 ** 30:.0f}, half "
+                         "the memory; lower it where freed memory stays in the process, e.g. GLIBC_TUNABLES)")
     ap.add_argument("--shape", type=int, nargs=4, action="append", metavar=("B", "C", "H", "W"),
                     help="an input map of the LDAAQU grid, repeatable (C divisible by 8); default: 1 256 50 84 "
                          "and 1 128 40 60 on a CPU, 2 256 100 152 (FPN P2) on a GPU")
@@ -593,6 +597,8 @@ def parse(argv=None):
             ap.error("--cases op times the Triton kernels, which need a GPU (on a CPU they only run interpreted)")
         if args.threads is not None and args.threads < 1:
             ap.error(f"--threads must be positive, got {args.threads}")
+    if args.budget_gib is not None and not args.budget_gib > 0:
+        ap.error(f"--budget-gib must be positive, got {args.budget_gib}")
     if args.sizes is not None:
         if GPU or args.cases:
             ap.error("--sizes is a CPU run of its own (no --cases)")
@@ -623,7 +629,10 @@ def parse(argv=None):
 
 
 def main(argv=None):
+    global BUDGET
     args = parse(argv)
+    if args.budget_gib is not None:
+        BUDGET = int(args.budget_gib * 2 ** 30)
     if not GPU:
         torch.set_num_threads(args.threads or 2)
     comps = comparisons(args.cases, args.shapes, args.kernel_sizes, args.scales, args.upsampler_shape)

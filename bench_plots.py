@@ -66,7 +66,8 @@ def run_label(rows) -> str:
     dtypes = "/".join(sorted({x["dtype"] for x in rows}))
     n = int(r["threads"]) if r.get("threads", "") != "" else 0
     threads = f", {n} thread{'s' if n > 1 else ''}" if n else ""
-    return f"{r['device']}{threads}, {dtypes}, torch {r['torch']}{loaded(rows)}"
+    heap = ", GLIBC_TUNABLES set (see malloc column)" if r.get("malloc") else ""  # moves large maps' cost
+    return f"{r['device']}{threads}, {dtypes}, torch {r['torch']}{heap}{loaded(rows)}"
 
 
 def _ok(rows, *cases):

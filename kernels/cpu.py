@@ -82,6 +82,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
     for name in ("lu_transpose_f32", "lu_transpose_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
         getattr(lib, name).restype = None
+    for name in ("lu_offset_conv_head_f32", "lu_offset_conv_head_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_double, ctypes.c_int64]
+        getattr(lib, name).restype = None
     for name in ("lu_layer_norm_f32", "lu_layer_norm_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int64]
         getattr(lib, name).restype = None
@@ -219,5 +222,21 @@ def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if out.numel():
         getattr(_library()[0], "lu_layer_norm_" + _suffix(x.dtype))(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), N, C, x[0, 0].numel(), eps,
+            torch.get_num_threads())
+    return out
+
+
+def offset_conv_head(h, weight, bias, base, range_factor: float, pad=None) -> torch.Tensor:
+    """tanh(conv2d(h, weight, bias, padding=k//2)) * range_factor + base[c % len(base)], h [N, Ci, Hi, W]
+    contiguous fp32/fp64, weight [Co, Ci, k, k] (odd k), bias [Co], base [nb] (no autograd); pad: (top,
+    bottom) zero rows instead of k//2 each (a band whose halo rows h holds)."""
+    N, Ci, Hi, W = h.shape
+    Co, k = weight.shape[0], weight.shape[-1]
+    pt, pb = (k // 2, k // 2) if pad is None else pad
+    out = h.new_empty(N, Co, Hi + pt + pb - k + 1, W)
+    if out.numel():
+        ts = [t.contiguous() for t in (h, weight, bias, base)]
+        getattr(_library()[0], "lu_offset_conv_head_" + _suffix(h.dtype))(
+            *(t.data_ptr() for t in ts), out.data_ptr(), N, Ci, Hi, W, Co, k, pt, pb, base.numel(), range_factor,
             torch.get_num_threads())
     return out

@@ -73,6 +73,8 @@ def test_every_row_records_the_allocator_setting(tunables, monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", tunables)
     row = bench.meta()
     assert row["malloc"] == tunables and set(row) <= set(bench.FIELDS)
+    label = bench_plots.run_label([dict(row, dtype="fp32", threads=1)])
+    assert ("GLIBC_TUNABLES set" in label) == bool(tunables)
 
 
 @CPU_ONLY
@@ -83,6 +85,17 @@ def test_a_baseline_too_big_for_the_budget_is_refused(monkeypatch):
     monkeypatch.setattr(bench, "BUDGET", kept["LDAAQU"] + kept["official-style"])
     why = bench.refusals(build)
     assert list(why) == ["official-style"] and why["official-style"].startswith("refused: needs ~")
+
+
+def test_the_budget_can_be_lowered(monkeypatch, capsys):
+    # retained heap (GLIBC_TUNABLES) lets the official-style module's large steps outgrow the machine
+    monkeypatch.setattr(bench, "BUDGET", bench.BUDGET)  # main sets it: restored after the test
+    bench.main(["--sizes", "128", "--budget-gib", "0.0001", "--list"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("over the 0.0001 GiB budget" in ln for ln in lines)
+    with pytest.raises(SystemExit):
+        bench.parse(["--sizes", "--budget-gib", "0"])
+    assert "--budget-gib must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("C", [48, 64])

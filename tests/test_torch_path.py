@@ -146,6 +146,39 @@ def test_native_is_the_same_at_any_thread_count(mode):
     assert all(torch.equal(g1[n], g2[n]) for n in g1), f"seed={seed}"
 
 
+@pytest.mark.parametrize("shape,Co,k,pad", [((2, 8, 11, 37), 18, 3, None), ((1, 4, 6, 5), 50, 5, None),
+                                          ((3, 8, 9, 19), 98, 3, (0, 2)), ((1, 2, 1, 1), 18, 3, None)])
+def test_native_offset_conv_head_is_the_branch(shape, Co, k, pad):
+    """The offset branch's last conv, tanh, range and base grid in one native pass (inference): float64
+    as F.conv2d and torch's tanh (widths off the vector length, a band's halo rows given, channels past
+    the register blocks, a 1x1 map), fp32 within 4x torch's own fp32 error, 1 and 2 threads alike."""
+    if cpu.unavailable():
+        pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    h, w, b = (seeded_randn(*s, generator=g, dtype=torch.float64, device="cpu")
+               for s in (shape, (Co, shape[1], k, k), (Co,)))
+    w, base = w * 0.3, seeded_randn(Co // 2, generator=g, dtype=torch.float64, device="cpu")
+    pt, pb = (k // 2, k // 2) if pad is None else pad
+
+    def branch(h, w, b, base):
+        o = torch.nn.functional.conv2d(torch.nn.functional.pad(h, (0, 0, pt, pb)), w, b, padding=(0, k // 2))
+        return o.tanh() * 11.0 + base.repeat(2).view(1, -1, 1, 1)
+    truth = branch(h, w, b, base)
+    assert rel_err(cpu.offset_conv_head(h, w, b, base, 11.0, pad), truth) < 1e-14, f"seed={seed}"
+    f32 = [t.float() for t in (h, w, b, base)]
+    tol = 4 * rel_err(branch(*f32), truth) + 1e-7
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(cpu.offset_conv_head(*f32, 11.0, pad))
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(outs[0], truth) < tol and torch.equal(outs[0], outs[1]), f"seed={seed}"
+
+
 def test_native_build_says_why_not(monkeypatch, tmp_path):
     """No compiler, a failing one, or LDA_AQU_NATIVE=0: unavailable() says so, and the op runs the gathers."""
     try:
