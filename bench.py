@@ -15,8 +15,8 @@ load average before and after each case; what autograd keeps for the backward (t
 tensors, so no memory is spent on it), also at narrow maps and for the Triton backend; the FLOPs of
 each point (FlopCounterMode with the op's registered formula) over a torch.matmul probe's fp32 rate.
 A baseline whose estimated memory would not fit (half the memory, or --budget-gib) is refused with its
-estimate. On a GPU: also the Triton
-op against the eager reference and torch.compile of it, with GB/s on the op's byte floor.
+estimate. On a GPU: also the Triton op against the eager reference and torch.compile of it, with GB/s
+on the op's byte floor.
 
 --sizes: the cost against size instead, LDAAQU (C = 64 unless --shape gives another C) at k_u=3, s=2
 to square outputs of each SIDE (default 128 256 512 1024 2048), forward, and forward+backward up to
