@@ -83,7 +83,7 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4
         getattr(lib, name).restype = None
     for name in ("lu_offset_conv_head_f32", "lu_offset_conv_head_f64"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_double, ctypes.c_int64]
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_double, ctypes.c_int64]
         getattr(lib, name).restype = None
     for name in ("lu_layer_norm_f32", "lu_layer_norm_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int64]
@@ -227,8 +227,8 @@ def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def offset_conv_head(h, weight, bias, base, range_factor: float, pad=None) -> torch.Tensor:
-    """tanh(conv2d(h, weight, bias, padding=k//2)) * range_factor + base[c % len(base)], h [N, Ci, Hi, W]
-    contiguous fp32/fp64, weight [Co, Ci, k, k] (odd k), bias [Co], base [nb] (no autograd); pad: (top,
+    """tanh(conv2d(h, weight, bias, padding=k//2)) * range_factor + base[c] for the output channels c,
+    h [N, Ci, Hi, W] fp32/fp64, weight [Co, Ci, k, k] (odd k), bias and base [Co] (no autograd); pad: (top,
     bottom) zero rows instead of k//2 each (a band whose halo rows h holds)."""
     N, Ci, Hi, W = h.shape
     Co, k = weight.shape[0], weight.shape[-1]
@@ -237,6 +237,6 @@ def offset_conv_head(h, weight, bias, base, range_factor: float, pad=None) -> to
     if out.numel():
         ts = [t.contiguous() for t in (h, weight, bias, base)]
         getattr(_library()[0], "lu_offset_conv_head_" + _suffix(h.dtype))(
-            *(t.data_ptr() for t in ts), out.data_ptr(), N, Ci, Hi, W, Co, k, pt, pb, base.numel(), range_factor,
+            *(t.data_ptr() for t in ts), out.data_ptr(), N, Ci, Hi, W, Co, k, pt, pb, range_factor,
             torch.get_num_threads())
     return out

@@ -597,7 +597,7 @@ __attribute__((optimize("fp-contract=off"))) void scale_shift(T* y, int64_t n, T
 }
 
 // The offset branch's last conv and its head in one pass: out[n, co, y, x] = tanh(bias[co] + sum over
-// ci, i, j of w[co, ci, i, j] * h[n, ci, y + i - pt, x + j - k/2]) * range + base[co % nb], h [N, Ci, Hi, W],
+// ci, i, j of w[co, ci, i, j] * h[n, ci, y + i - pt, x + j - k/2]) * range + base[co], h [N, Ci, Hi, W],
 // out [N, Co, Hi + pt + pb - k + 1, W]: stride 1, pt and pb zero rows above and below h (a band's halo
 // is in h), k/2 zero columns each side. A thread owns a block of BX columns of an output row: its tap
 // rows' segments are copied once, halo and map edges zero-filled, so the vector loop has no bounds, and
@@ -606,8 +606,8 @@ __attribute__((optimize("fp-contract=off"))) void scale_shift(T* y, int64_t n, T
 // 0.41 ms more; this pass 0.49 ms (1 thread, "CPU (AMD EPYC), 2 cores").
 template <class T>
 void offset_conv_head(const T* h, const T* w, const T* bias, const T* base, T* out, int64_t N, int64_t Ci,
-                      int64_t Hi, int64_t W, int64_t Co, int64_t k, int64_t pt, int64_t pb, int64_t nb,
-                      double range, int64_t n_threads) {
+                      int64_t Hi, int64_t W, int64_t Co, int64_t k, int64_t pt, int64_t pb, double range,
+                      int64_t n_threads) {
   using V = typename Vec<T>::type;
   constexpr int64_t VL = 2 * Vec<T>::L, BX = 4 * VL, CB = 6;  // CB channels of two vectors in registers
   const int64_t Ho = Hi + pt + pb - k + 1, half = k / 2, bx = (W + BX - 1) / BX, RL = BX + k - 1;
@@ -655,7 +655,7 @@ void offset_conv_head(const T* h, const T* w, const T* bias, const T* base, T* o
         } else {
           for (int64_t x = 0; x < nx; x++) dst[x] = std::tanh(a[x] + bc);
         }
-        scale_shift(dst, nx, T(range), base[co % nb]);
+        scale_shift(dst, nx, T(range), base[co]);
       }
     }
   }
@@ -688,13 +688,13 @@ void lu_layer_norm_f64(const double* x, const double* w, const double* b, double
 }
 void lu_offset_conv_head_f32(const float* h, const float* w, const float* bias, const float* base, float* out,
                              int64_t N, int64_t Ci, int64_t Hi, int64_t W, int64_t Co, int64_t k, int64_t pt,
-                             int64_t pb, int64_t nb, double range, int64_t n_threads) {
-  offset_conv_head(h, w, bias, base, out, N, Ci, Hi, W, Co, k, pt, pb, nb, range, n_threads);
+                             int64_t pb, double range, int64_t n_threads) {
+  offset_conv_head(h, w, bias, base, out, N, Ci, Hi, W, Co, k, pt, pb, range, n_threads);
 }
 void lu_offset_conv_head_f64(const double* h, const double* w, const double* bias, const double* base,
                              double* out, int64_t N, int64_t Ci, int64_t Hi, int64_t W, int64_t Co, int64_t k,
-                             int64_t pt, int64_t pb, int64_t nb, double range, int64_t n_threads) {
-  offset_conv_head(h, w, bias, base, out, N, Ci, Hi, W, Co, k, pt, pb, nb, range, n_threads);
+                             int64_t pt, int64_t pb, double range, int64_t n_threads) {
+  offset_conv_head(h, w, bias, base, out, N, Ci, Hi, W, Co, k, pt, pb, range, n_threads);
 }
 void lu_transpose_f32(const float* in, float* out, int64_t B, int64_t n, int64_t m, int64_t n_threads) {
   transpose_batched(in, out, B, n, m, n_threads);

@@ -156,14 +156,14 @@ def test_native_offset_conv_head_is_the_branch(shape, Co, k, pad):
         pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
-    h, w, b = (seeded_randn(*s, generator=g, dtype=torch.float64, device="cpu")
-               for s in (shape, (Co, shape[1], k, k), (Co,)))
-    w, base = w * 0.3, seeded_randn(Co // 2, generator=g, dtype=torch.float64, device="cpu")
+    h, w, b, base = (seeded_randn(*s, generator=g, dtype=torch.float64, device="cpu")
+                     for s in (shape, (Co, shape[1], k, k), (Co,), (Co,)))
+    w = w * 0.3
     pt, pb = (k // 2, k // 2) if pad is None else pad
 
     def branch(h, w, b, base):
         o = torch.nn.functional.conv2d(torch.nn.functional.pad(h, (0, 0, pt, pb)), w, b, padding=(0, k // 2))
-        return o.tanh() * 11.0 + base.repeat(2).view(1, -1, 1, 1)
+        return o.tanh() * 11.0 + base.view(1, -1, 1, 1)
     truth = branch(h, w, b, base)
     assert rel_err(cpu.offset_conv_head(h, w, b, base, 11.0, pad), truth) < 1e-14, f"seed={seed}"
     f32 = [t.float() for t in (h, w, b, base)]
