@@ -88,6 +88,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
     for name in ("lu_layer_norm_f32", "lu_layer_norm_f64"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int64]
         getattr(lib, name).restype = None
+    for name in ("lu_layer_norm_backward_f32", "lu_layer_norm_backward_f64"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int64]
+        getattr(lib, name).restype = None
     return lib, ""
 
 
@@ -96,13 +99,19 @@ def unavailable() -> Optional[str]:
     return _library()[1] or None
 
 
+def torch_empty(shape, dtype) -> torch.Tensor:
+    """The launchers' default allocator: every output buffer comes from `empty(shape, dtype)` (a caller may
+    pass a cache's)."""
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else t.data_ptr()
 
 
-def _transposed(t: torch.Tensor, shape) -> torch.Tensor:
+def _transposed(t: torch.Tensor, shape, empty) -> torch.Tensor:
     """t [B, n, m] (contiguous, fp32/fp64) transposed into a new contiguous tensor of `shape` ([B, m, n])."""
-    out = t.new_empty(shape)
+    out = empty(shape, t.dtype)
     B, n, m = t.shape
     if out.numel():
         getattr(_library()[0], "lu_transpose_" + _suffix(t.dtype))(t.data_ptr(), out.data_ptr(), B, n, m,
@@ -110,25 +119,29 @@ def _transposed(t: torch.Tensor, shape) -> torch.Tensor:
     return out
 
 
-def _cl(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+def _cl(t: Optional[torch.Tensor], dtype, empty) -> Optional[torch.Tensor]:
     """[B, c, h, w] as contiguous channels-last rows [B, h, w, c] in dtype."""
     if t is None:
         return None
     B, c, h, w = t.shape
     t = t.to(dtype)
     if t.is_contiguous():
-        return _transposed(t.reshape(B, c, h * w), (B, h, w, c))
-    return t.permute(0, 2, 3, 1).contiguous()
+        return _transposed(t.reshape(B, c, h * w), (B, h, w, c), empty)
+    rows = t.permute(0, 2, 3, 1)
+    return rows if rows.is_contiguous() else empty((B, h, w, c), dtype).copy_(rows)
 
 
-def _nchw(t: torch.Tensor) -> torch.Tensor:
+def _nchw(t: torch.Tensor, empty) -> torch.Tensor:
     """Channels-last rows [B, h, w, c] (contiguous) as a contiguous [B, c, h, w]."""
     B, h, w, c = t.shape
-    return _transposed(t.reshape(B, h * w, c), (B, c, h, w))
+    return _transposed(t.reshape(B, h * w, c), (B, c, h, w), empty)
 
 
-def _c(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(dtype).contiguous()
+def _c(t: Optional[torch.Tensor], dtype, empty) -> Optional[torch.Tensor]:
+    """t contiguous in dtype: t itself where it is, else a copy (the bench's expanded sum gradient)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return empty(t.shape, dtype).copy_(t)
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,7 +171,7 @@ def _suffix(acc) -> str:
 
 
 def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
-            padding, acc, keep_weights=True):
+            padding, acc, keep_weights=True, empty=torch_empty):
     """out [B, C, Ho, Wo] in acc and the sample weights w [B, nh, Ho*Wo, K] in acc (None for unit weights, or
     keep_weights=False: no backward follows).
     offset [B, G*2K, Ho, Wo]; q [B, Dq, Ho, Wo], k [B, Dq, H, W], rpb [nh, K, Dq//nh]; given: logits or
@@ -168,10 +181,10 @@ def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, orig
     p = _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
                  acc, keep)
     # q NCHW: the kernel transposes a row at a time (q is at output resolution, its copy the largest)
-    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_c(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
-                   given=_c(given, acc))
-    out = v.new_empty(p.B, p.C, p.Ho, p.Wo, dtype=acc)
-    w = v.new_empty(p.B, p.NH, p.Ho * p.Wo, p.K, dtype=acc) if mode != "none" and keep_weights else None
+    tensors = dict(v=_cl(v, acc, empty), offset=_c(offset, acc, empty), q=_c(q, acc, empty), k=_cl(k, acc, empty),
+                   rpb=_c(rpb, acc, empty), given=_c(given, acc, empty))
+    out = empty((p.B, p.C, p.Ho, p.Wo), acc)
+    w = empty((p.B, p.NH, p.Ho * p.Wo, p.K), acc) if mode != "none" and keep_weights else None
     for n, t in dict(tensors, out=out, w=w).items():
         setattr(p, n, _ptr(t))
     if p.B and p.Ho and p.Wo:
@@ -180,7 +193,7 @@ def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, orig
 
 
 def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
-             padding, acc, needs):
+             padding, acc, needs, empty=torch_empty):
     """Gradients in acc: dv, doffset, dq, dk [as their inputs], dlogit [B, nh, Ho*Wo, K] (softmax input,
     for attention and logits), dw [B, nh, Ho*Wo, K] (given weights), None where not needed.
     needs: (v, offset, q, k, weights)."""
@@ -193,15 +206,15 @@ def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, o
     Dq, P = p.Dq, p.Ho * p.Wo
     attention = mode == "attention"
     # q, dout and dq NCHW: the kernel transposes a chunk's rows as it reaches them
-    tensors = dict(v=_cl(v, acc), offset=_c(offset, acc), q=_c(q, acc), k=_cl(k, acc), rpb=_c(rpb, acc),
-                   w=_c(w, acc), dout=_c(dout, acc))
+    tensors = dict(v=_cl(v, acc, empty), offset=_c(offset, acc, empty), q=_c(q, acc, empty), k=_cl(k, acc, empty),
+                   rpb=_c(rpb, acc, empty), w=_c(w, acc, empty), dout=_c(dout, acc, empty))
     out = dict(
-        dv=v.new_zeros(B, H, W, C, dtype=acc) if n_v else None,
-        dk=v.new_zeros(B, H, W, Dq, dtype=acc) if attention and n_k else None,
-        dq=v.new_empty(B, Dq, p.Ho, p.Wo, dtype=acc) if attention and n_q else None,
-        dlogit=v.new_empty(B, p.NH, P, K, dtype=acc) if mode in ("attention", "logits") else None,
-        dw=v.new_empty(B, p.NH, P, K, dtype=acc) if mode == "weights" and n_w else None,
-        doffset=v.new_empty(offset.shape, dtype=acc) if n_off else None)
+        dv=empty((B, H, W, C), acc).zero_() if n_v else None,
+        dk=empty((B, H, W, Dq), acc).zero_() if attention and n_k else None,
+        dq=empty((B, Dq, p.Ho, p.Wo), acc) if attention and n_q else None,
+        dlogit=empty((B, p.NH, P, K), acc) if mode in ("attention", "logits") else None,
+        dw=empty((B, p.NH, P, K), acc) if mode == "weights" and n_w else None,
+        doffset=empty(offset.shape, acc) if n_off else None)
     for n, t in dict(tensors, **out).items():
         setattr(p, n, _ptr(t))
     p.need_v, p.need_offset, p.need_q, p.need_k, p.need_weights = n_v, n_off, n_q, n_k, n_w
@@ -209,15 +222,16 @@ def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, o
         getattr(_library()[0], "lu_backward_" + _suffix(acc))(ctypes.byref(p))
     for n in ("dv", "dk"):  # NCHW as their inputs: autograd's sums with other gradients stay contiguous
         if out[n] is not None:
-            out[n] = _nchw(out[n])
+            out[n] = _nchw(out[n], empty)
     return out
 
 
-def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                        empty=torch_empty) -> torch.Tensor:
     """LayerNorm over the channels of a contiguous fp32/fp64 [N, C, H, W] map with the affine, NCHW in
     and out (no autograd)."""
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    out = torch.empty_like(x)
+    out = empty(x.shape, x.dtype)
     N, C = x.shape[:2]
     if out.numel():
         getattr(_library()[0], "lu_layer_norm_" + _suffix(x.dtype))(
@@ -226,14 +240,31 @@ def layer_norm_channels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out
 
 
-def offset_conv_head(h, weight, bias, base, range_factor: float, pad=None) -> torch.Tensor:
+def layer_norm_channels_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, eps: float,
+                                 empty=torch_empty):
+    """(dx, dweight, dbias) of layer_norm_channels(x, weight, bias, eps) for the output's gradient grad,
+    x, weight and grad contiguous in one dtype; the statistics are recomputed from x."""
+    x, weight, grad = x.contiguous(), weight.contiguous(), grad.contiguous()
+    N, C = x.shape[:2]
+    HW = x[0, 0].numel() if x.numel() else 0
+    dx, dw, db = empty(x.shape, x.dtype), weight.new_empty(C), weight.new_empty(C)
+    part = x.new_empty(N * -(-HW // 64), 2, C, dtype=torch.float64)  # per-block sums (LN_BP pixels a block)
+    if dx.numel():
+        getattr(_library()[0], "lu_layer_norm_backward_" + _suffix(x.dtype))(
+            *(t.data_ptr() for t in (x, weight, grad, dx, dw, db, part)), N, C, HW, eps, torch.get_num_threads())
+    else:
+        dw.zero_(), db.zero_()
+    return dx, dw, db
+
+
+def offset_conv_head(h, weight, bias, base, range_factor: float, pad=None, empty=torch_empty) -> torch.Tensor:
     """tanh(conv2d(h, weight, bias, padding=k//2)) * range_factor + base[c] for the output channels c,
     h [N, Ci, Hi, W] fp32/fp64, weight [Co, Ci, k, k] (odd k), bias and base [Co] (no autograd); pad: (top,
     bottom) zero rows instead of k//2 each (a band whose halo rows h holds)."""
     N, Ci, Hi, W = h.shape
     Co, k = weight.shape[0], weight.shape[-1]
     pt, pb = (k // 2, k // 2) if pad is None else pad
-    out = h.new_empty(N, Co, Hi + pt + pb - k + 1, W)
+    out = empty((N, Co, Hi + pt + pb - k + 1, W), h.dtype)
     if out.numel():
         ts = [t.contiguous() for t in (h, weight, bias, base)]
         getattr(_library()[0], "lu_offset_conv_head_" + _suffix(h.dtype))(

@@ -540,29 +540,78 @@ void backward(const Problem& p) {
 // LayerNorm over the channels of x [N, C, HW] (NCHW, contiguous), then the affine: per pixel, the mean and
 // the biased variance of its C channels, as F.layer_norm over the channels of x.permute(0, 2, 3, 1)
 // computes them, but in place in NCHW: the pixels of a row are the vector lanes, no permuted copies.
+constexpr int64_t LN_BP = 64;  // pixels per block: the lanes of a few vectors, C of them in cache
+
+// mean and 1/std over the C channels of np <= LN_BP pixels xs[c * HW + i], as the forward computes them
+template <class T>
+void channel_stats(const T* xs, int64_t C, int64_t HW, int64_t np, double eps, T* mean, T* rstd) {
+  for (int64_t i = 0; i < np; i++) mean[i] = 0, rstd[i] = 0;
+  for (int64_t c = 0; c < C; c++)
+    for (int64_t i = 0; i < np; i++) mean[i] += xs[c * HW + i];
+  for (int64_t i = 0; i < np; i++) mean[i] /= T(C);
+  for (int64_t c = 0; c < C; c++)
+    for (int64_t i = 0; i < np; i++) {
+      const T d = xs[c * HW + i] - mean[i];
+      rstd[i] += d * d;
+    }
+  for (int64_t i = 0; i < np; i++) rstd[i] = T(1) / std::sqrt(rstd[i] / T(C) + T(eps));
+}
+
 template <class T>
 void layer_norm_channels(const T* x, const T* w, const T* b, T* out, int64_t N, int64_t C, int64_t HW, double eps,
                          int64_t n_threads) {
-  constexpr int64_t BP = 64;  // pixels per block: the lanes of a few vectors, C of them in cache
-  const int64_t blocks = (HW + BP - 1) / BP;
+  const int64_t blocks = (HW + LN_BP - 1) / LN_BP;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t nb = 0; nb < N * blocks; nb++) {
-    const int64_t n = nb / blocks, p0 = nb % blocks * BP, np = std::min(BP, HW - p0);
+    const int64_t n = nb / blocks, p0 = nb % blocks * LN_BP, np = std::min(LN_BP, HW - p0);
     const T* xs = x + n * C * HW + p0;
     T* os = out + n * C * HW + p0;
-    T mean[BP], var[BP];
-    for (int64_t i = 0; i < np; i++) mean[i] = 0, var[i] = 0;
+    T mean[LN_BP], rstd[LN_BP];
+    channel_stats(xs, C, HW, np, eps, mean, rstd);
     for (int64_t c = 0; c < C; c++)
-      for (int64_t i = 0; i < np; i++) mean[i] += xs[c * HW + i];
-    for (int64_t i = 0; i < np; i++) mean[i] /= T(C);
+      for (int64_t i = 0; i < np; i++) os[c * HW + i] = (xs[c * HW + i] - mean[i]) * rstd[i] * w[c] + b[c];
+  }
+}
+
+// The layer norm's backward from x (statistics recomputed: nothing but x is kept), g = d loss / d out:
+// dx = rstd (g w - mean_c(g w) - xhat mean_c(g w xhat)); dw = sum_p g xhat, db = sum_p g from per-block
+// partials in double [N * blocks, 2, C] (part) summed in block order, whatever the thread count.
+template <class T>
+void layer_norm_channels_backward(const T* x, const T* w, const T* g, T* dx, T* dw, T* db, double* part, int64_t N,
+                                  int64_t C, int64_t HW, double eps, int64_t n_threads) {
+  const int64_t blocks = (HW + LN_BP - 1) / LN_BP, nblk = N * blocks;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t nb = 0; nb < nblk; nb++) {
+    const int64_t n = nb / blocks, p0 = nb % blocks * LN_BP, np = std::min(LN_BP, HW - p0);
+    const T *xs = x + n * C * HW + p0, *gs = g + n * C * HW + p0;
+    T* ds = dx + n * C * HW + p0;
+    T mean[LN_BP], rstd[LN_BP], sg[LN_BP], sgx[LN_BP];
+    channel_stats(xs, C, HW, np, eps, mean, rstd);
+    for (int64_t i = 0; i < np; i++) sg[i] = 0, sgx[i] = 0;
+    double* pw = part + nb * C * 2;
+    for (int64_t c = 0; c < C; c++) {
+      double pwc = 0, pbc = 0;  // sums over the whole map: in double (torch's are as good as float's cascade)
+      for (int64_t i = 0; i < np; i++) {
+        const T xh = (xs[c * HW + i] - mean[i]) * rstd[i], gi = gs[c * HW + i], gw = gi * w[c];
+        sg[i] += gw;
+        sgx[i] += gw * xh;
+        pwc += double(gi) * double(xh);
+        pbc += gi;
+      }
+      pw[c] = pwc, pw[C + c] = pbc;
+    }
+    for (int64_t i = 0; i < np; i++) sg[i] /= T(C), sgx[i] /= T(C);
     for (int64_t c = 0; c < C; c++)
       for (int64_t i = 0; i < np; i++) {
-        const T d = xs[c * HW + i] - mean[i];
-        var[i] += d * d;
+        const T xh = (xs[c * HW + i] - mean[i]) * rstd[i];
+        ds[c * HW + i] = rstd[i] * (gs[c * HW + i] * w[c] - sg[i] - xh * sgx[i]);
       }
-    for (int64_t i = 0; i < np; i++) var[i] = T(1) / std::sqrt(var[i] / T(C) + T(eps));
-    for (int64_t c = 0; c < C; c++)
-      for (int64_t i = 0; i < np; i++) os[c * HW + i] = (xs[c * HW + i] - mean[i]) * var[i] * w[c] + b[c];
+  }
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t c = 0; c < 2 * C; c++) {
+    double s = 0;
+    for (int64_t nb = 0; nb < nblk; nb++) s += part[nb * C * 2 + c];
+    (c < C ? dw[c] : db[c - C]) = T(s);
   }
 }
 
@@ -685,6 +734,15 @@ void lu_layer_norm_f32(const float* x, const float* w, const float* b, float* ou
 void lu_layer_norm_f64(const double* x, const double* w, const double* b, double* out, int64_t N, int64_t C,
                        int64_t HW, double eps, int64_t n_threads) {
   layer_norm_channels(x, w, b, out, N, C, HW, eps, n_threads);
+}
+void lu_layer_norm_backward_f32(const float* x, const float* w, const float* g, float* dx, float* dw, float* db,
+                                double* part, int64_t N, int64_t C, int64_t HW, double eps, int64_t n_threads) {
+  layer_norm_channels_backward(x, w, g, dx, dw, db, part, N, C, HW, eps, n_threads);
+}
+void lu_layer_norm_backward_f64(const double* x, const double* w, const double* g, double* dx, double* dw,
+                                double* db, double* part, int64_t N, int64_t C, int64_t HW, double eps,
+                                int64_t n_threads) {
+  layer_norm_channels_backward(x, w, g, dx, dw, db, part, N, C, HW, eps, n_threads);
 }
 void lu_offset_conv_head_f32(const float* h, const float* w, const float* bias, const float* base, float* out,
                              int64_t N, int64_t Ci, int64_t Hi, int64_t W, int64_t Co, int64_t k, int64_t pt,

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
+from upsampler import cpu_cache  # noqa: E402
+
 # torch.device(...) as a context (and set_default_device) moves factory calls found in a set that is built
 # once, on first use; built after the patch below it would hold the patched torch.empty, which then makes
 # its tensors on the CPU whatever the context says. Build it now, with the real one.
@@ -39,6 +41,13 @@ def poison_empty(monkeypatch):
             t.detach().fill_(-(2**30))
         return t
     monkeypatch.setattr(torch, "empty", poisoned)
+    cached = cpu_cache.empty  # and the CPU cache's blocks, which come back holding the last call's values
+
+    def poisoned_cached(shape, dtype):
+        t = cached(shape, dtype)
+        t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(cpu_cache, "empty", poisoned_cached)
 
 
 # A per-test time limit without pytest-timeout (the GPU machine has only pytest and pytest-xdist):

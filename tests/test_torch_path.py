@@ -303,3 +303,46 @@ def test_onnx_export_of_the_other_upsamplers(name, tmp_path):
             expect = m(x)
         assert y.shape == expect.shape == (shape[0], 16, 2 * shape[2], 2 * shape[3])
         assert (y - expect).abs().max() < 1e-4, f"{name} {shape}, seed={seed}"
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 13, 70), (1, 5, 3, 3), (3, 64, 17, 9)])
+def test_native_layer_norm_trains_as_torchs(shape):
+    """The channels' layer norm in eager CPU training is the native pass with its native backward: float64
+    value and every gradient as F.layer_norm's, fp32 within 4x torch's own fp32 error, 1 and 2 threads
+    alike bit for bit, and autograd keeps x and the weight alone (pixels off the 64-pixel blocks, odd C)."""
+    from upsampler.module import _layer_norm_channels
+    if cpu.unavailable():
+        pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    x = seeded_randn(*shape, generator=g, dtype=torch.float64, device="cpu") * 2 + 0.5
+    w, b = (seeded_randn(shape[1], generator=g, dtype=torch.float64, device="cpu") for _ in range(2))
+    dy = seeded_randn(*shape, generator=g, dtype=torch.float64, device="cpu")
+
+    def torch_form(x, w, b):
+        return torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), shape[1:2], w, b, 1e-5).permute(0, 3, 1, 2)
+
+    def value_and_grads(f, dtype):
+        ins = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            y = f(*ins)
+        return y, torch.autograd.grad(y, ins, dy.to(dtype)), kept
+
+    truth, truth_grads, _ = value_and_grads(torch_form, torch.float64)
+    y, grads, kept = value_and_grads(lambda *t: _layer_norm_channels(*t, 1e-5), torch.float64)
+    assert type(y.grad_fn).__name__ == "_LayerNormChannelsBackward"
+    assert sorted(t.shape for t in kept) == sorted([torch.Size(shape[1:2]), torch.Size(shape)])
+    assert rel_err(y, truth) < 1e-14 and all(rel_err(a, t) < 1e-13 for a, t in zip(grads, truth_grads)), \
+        f"seed={seed}"
+    _, torch32, _ = value_and_grads(torch_form, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(value_and_grads(lambda *t: _layer_norm_channels(*t, 1e-5), torch.float32)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for a, a2, t32, t in zip(*runs, torch32, truth_grads):
+        assert rel_err(a, t) < 4 * rel_err(t32, t) + 1e-7 and torch.equal(a, a2), f"seed={seed}"

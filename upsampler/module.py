@@ -17,7 +17,9 @@ from .functional import (FLOAT_DTYPES, _check_extent, autocasting, check_backend
                          empty_output, not_scriptable, refuse_jit)
 from kernels import cpu as _cpu
 
-from .torch_path import _traced, is_exporting
+from . import cpu_cache
+
+from .torch_path import _traced, is_exporting, refuse_double_backward
 from .naive import align_corners_ratio
 
 
@@ -34,16 +36,95 @@ class LayerNormProxy(nn.Module):
 
 def _layer_norm_channels(x, weight, bias, eps):
     if _native(x, weight):  # no graph to keep: one pass in NCHW, no permuted copies
-        return _cpu.layer_norm_channels(x, weight, bias, eps)
+        return _cpu.layer_norm_channels(x, weight, bias, eps, empty=cpu_cache.empty)
+    if torch.is_grad_enabled() and _native_ok(x, weight, modes=True) and bias.dtype == x.dtype:
+        if _traced():  # a dispatch mode (the bench's fake trace): the op it sees, keeping what eager keeps
+            return torch.ops.lda_aqu.layer_norm_channels(x, weight, bias, eps)
+        return _LayerNormChannels.apply(x, weight, bias, eps)
     # the affine after the permute back, so that the result is not a view (see LDAAQU.forward)
     xn = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=eps).permute(0, 3, 1, 2)
     return torch.addcmul(bias[:, None, None], xn, weight[:, None, None])
 
 
+def _empty_like_on(shape, like: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of like's dtype and device; eager CPU ones from the CPU cache."""
+    if like.device.type == "cpu" and not _traced():
+        return cpu_cache.empty(shape, like.dtype)
+    return like.new_empty(shape)
+
+
+def _native_ok(x, weight, modes=False) -> bool:
+    """Whether a native CPU kernel may stand in for torch's ops on x (and weight): eager fp32/fp64, and
+    under dispatch modes (fake tensors) too where `modes`; never while compiling or exporting."""
+    traced = torch.compiler.is_compiling() or is_exporting() if modes else _traced()
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype \
+        and not autocasting("cpu") and not traced and _cpu.unavailable() is None
+
+
 def _native(x, weight) -> bool:
     """Whether a native CPU kernel without autograd may stand in for torch's ops on x (and weight)."""
-    return not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
-        and weight.dtype == x.dtype and not autocasting("cpu") and not _traced() and _cpu.unavailable() is None
+    return not torch.is_grad_enabled() and _native_ok(x, weight)
+
+
+# The channels' layer norm in eager CPU training: the native pass and its native backward. Autograd keeps
+# x and the weight alone (torch's ops keep the normalised map for the affine too), and neither direction
+# makes permuted copies: at 1024x1024 the torch form's passes were eight fresh maps of C channels a step.
+def _ln_forward(x, weight, bias, eps):
+    return _cpu.layer_norm_channels(x, weight, bias, eps, empty=cpu_cache.empty)
+
+
+def _ln_backward(grad, x, weight, eps, needs):
+    dx, dw, db = _cpu.layer_norm_channels_backward(x, weight, grad.to(x.dtype), eps, empty=cpu_cache.empty)
+    return dx if needs[0] else None, dw if needs[1] else None, db if needs[2] else None
+
+
+class _LayerNormChannels(torch.autograd.Function):
+    """Eager calls: no custom-op dispatch (it costs as much as the pass on a small map)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _ln_forward(x, weight, bias, eps)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return *_ln_backward(grad, *ctx.saved_tensors, ctx.eps, ctx.needs_input_grad), None
+
+
+@torch.library.custom_op("lda_aqu::layer_norm_channels", mutates_args=())
+def _ln_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return _ln_forward(x, weight, bias, eps)
+
+
+@_ln_op.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("lda_aqu::layer_norm_channels_bwd", mutates_args=())
+def _ln_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> list[torch.Tensor]:
+    return list(_ln_backward(grad, x, weight, eps, (True, True, True)))
+
+
+@_ln_bwd_op.register_fake
+def _(grad, x, weight, eps):
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)]
+
+
+def _ln_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.eps = inputs[3]
+
+
+def _ln_grad(ctx, grad):
+    dx, dw, db = torch.ops.lda_aqu.layer_norm_channels_bwd(grad, *ctx.saved_tensors, ctx.eps)
+    return dx, dw, db, None
+
+
+torch.library.register_autograd("lda_aqu::layer_norm_channels", _ln_grad, setup_context=_ln_setup)
+refuse_double_backward("lda_aqu::layer_norm_channels_bwd")
 
 
 class BilinearAlignCorners(torch.autograd.Function):
@@ -62,6 +143,10 @@ class BilinearAlignCorners(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size):
         ctx.in_size = x.shape[-2:]
+        if x.device.type == "cpu" and x.is_contiguous() and x.dtype in (torch.float32, torch.float64) \
+                and not autocasting("cpu") and not _traced():
+            # F.interpolate's kernel into a cached buffer: q is the largest map of the module's own
+            return torch._C._nn.upsample_bilinear2d(x, size, True, out=_empty_like_on((*x.shape[:2], *size), x))
         return F.interpolate(x, size, mode="bilinear", align_corners=True)
 
     @staticmethod
@@ -132,7 +217,7 @@ class _Recomputed(torch.autograd.Function):
                 if dq is None and (qa, qb) == (0, Ho):
                     dq = g
                 else:
-                    dq = torch.zeros_like(q) if dq is None else dq
+                    dq = _empty_like_on(q.shape, q).zero_() if dq is None else dq
                     dq[:, :, qa:qb] += g
             for i, p in enumerate(ps):
                 if p.requires_grad:
@@ -152,7 +237,7 @@ def _bands(band, reads, rows: int, q, params):
         qa, qb = reads(Ho, r0, r1)
         o = band(q[:, :, qa:qb], r0, r1, Ho, *params)
         if out is None:
-            out = o.new_empty(*o.shape[:2], Ho, o.shape[3])
+            out = _empty_like_on((*o.shape[:2], Ho, o.shape[3]), o)
         # (torch.tanh(..., out=) into the strided rows cost more than this copy at 1024x1024)
         out[:, :, r0:r1] = o
     return out
@@ -410,7 +495,7 @@ class LDAAQU(nn.Module):
             # no graph to keep (inference, or the recomputed branch's forward): conv, tanh, scale and base
             # in one pass; oneDNN's conv and torch's CPU tanh (2.5 ns an element) were a third of the
             # module's forward on small maps
-            o = _cpu.offset_conv_head(h, w, b, base.view(-1), self.range_factor, pad)
+            o = _cpu.offset_conv_head(h, w, b, base.view(-1), self.range_factor, pad, empty=cpu_cache.empty)
             return o.reshape(B, -1, *o.shape[2:])
         if pad is None:
             o = F.conv2d(h, w, b, conv.stride, conv.padding)

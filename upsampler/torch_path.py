@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from kernels import cpu as _cpu
 from kernels.layout import acc_dtype as _acc, neighbours as _neighbours, segments as _segments
 
+from . import cpu_cache
 from .naive import base_grid, output_grid
 
 Tensor = torch.Tensor
@@ -201,7 +202,8 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
     if _cpu.unavailable() is None:
         a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
-                              scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep)
+                              scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep,
+                              empty=cpu_cache.empty)
         return out.to(v.dtype), w
     B, C, H, W = v.shape
     Ho, Wo = size
@@ -325,7 +327,7 @@ def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kerne
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
     a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
     d = _cpu.backward(dout, v, size, offset, q, k, rpb, w, **a, scale=scale, coords=coords, padding=padding, acc=acc,
-                      needs=(n_v, n_off, n_q, n_k, n_weights))
+                      needs=(n_v, n_off, n_q, n_k, n_weights), empty=cpu_cache.empty)
     B, P, K = v.shape[0], size[0] * size[1], a["K"]
     drpb = dlogits = dweights = None
     if q is not None and rpb is not None and n_rpb:  # d loss / d rpb: scale * dlogit . q, over every pixel
