@@ -53,6 +53,7 @@ import bench_plots  # noqa: E402
 from autotune.device import device_slug  # noqa: E402
 from kernels.layout import DTYPES as ALL_DTYPES  # noqa: E402
 from upsampler import CARAFE, FADE, LDAAQU, SAPA, DySample, SAPADeform, deformable_local_attention  # noqa: E402
+from upsampler import cpu_cache  # noqa: E402
 from upsampler.flops import count_flops  # noqa: E402
 from upsampler.naive import deformable_local_attention_ref  # noqa: E402
 from upsampler.official import official_forward  # noqa: E402
@@ -62,10 +63,10 @@ from upsampler.plain import (carafe_forward, dysample_forward, fade_forward, sap
 DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}
 BASELINES = bench_plots.BASELINES
 GUIDED = ("sapa", "sapadeform", "fade")
-FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "malloc", "case", "backend", "direction", "dtype",
-          "k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s", "gb_per_s",
-          "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes", "gflops", "matmul_gflops_per_s", "limit_ms",
-          "limit_fraction", "load_before", "load_after", "rel_err", "dynamo", "status"]
+FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "malloc", "cpu_cache_gib", "case", "backend",
+          "direction", "dtype", "k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "reps", "mpix_per_s",
+          "gb_per_s", "floor_bytes", "saved_for_backward_bytes", "peak_cuda_bytes", "gflops", "matmul_gflops_per_s",
+          "limit_ms", "limit_fraction", "load_before", "load_after", "rel_err", "dynamo", "status"]
 G, NH, R = 2, 1, 4  # LDAAQU's groups, heads and channel reduction (the official defaults)
 WORKLOAD, TARGET_MAP = (1, 256, 50, 84), (1, 128, 40, 60)
 TARGET_POINTS = {(k, s) for k in (3, 5, 7) for s in (2, 3, 4)}
@@ -87,7 +88,8 @@ def device_name() -> str:
 def meta() -> dict:
     return dict(device=device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.date.today().isoformat(), threads=torch.get_num_threads(), cores=CORES,
-                malloc=os.environ.get("GLIBC_TUNABLES", ""))  # glibc's tunables decide the CPU's page faults
+                # glibc's tunables and the library's CPU cache decide the CPU's page faults on large maps
+                malloc=os.environ.get("GLIBC_TUNABLES", ""), cpu_cache_gib=_g(cpu_cache.limit() / 2 ** 30, 3))
 
 
 _leaves = weakref.WeakKeyDictionary()  # fn -> the leaves its graph reaches, found on its first step
@@ -657,10 +659,10 @@ def main(argv=None):
     if GPU:
         rows = run_gpu(comps, args.dtypes)
     else:
-        rate, tunables = matmul_rate(), meta()["malloc"]
+        rate, m = matmul_rate(), meta()
         print(f"{device_name()}, {torch.get_num_threads()} thread(s): fp32 matmul {rate:.1f} GFLOP/s "
-              f"(1024^2, min of 10), load average {os.getloadavg()[0]:.2f}"
-              + (f", GLIBC_TUNABLES={tunables}" if tunables else ""), flush=True)
+              f"(1024^2, min of 10), load average {os.getloadavg()[0]:.2f}, CPU cache {m['cpu_cache_gib']} GiB"
+              + (f", GLIBC_TUNABLES={m['malloc']}" if m["malloc"] else ""), flush=True)
         rows = run_cpu(comps, rate, 0.3 if args.quick else 2.0) + memory_rows(args.memory_channels, args.shapes[0][2:], args.kernel_sizes,
                                                    args.scales)
     path = os.path.join(out, "bench.csv")

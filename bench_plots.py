@@ -67,6 +67,8 @@ def run_label(rows) -> str:
     n = int(r["threads"]) if r.get("threads", "") != "" else 0
     threads = f", {n} thread{'s' if n > 1 else ''}" if n else ""
     heap = ", GLIBC_TUNABLES set (see malloc column)" if r.get("malloc") else ""  # moves large maps' cost
+    if str(r.get("cpu_cache_gib", "")) in ("0", "0.0"):
+        heap += ", CPU cache off"  # so does the library's cache: page faults on every large tensor
     return f"{r['device']}{threads}, {dtypes}, torch {r['torch']}{heap}{loaded(rows)}"
 
 

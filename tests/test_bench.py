@@ -13,6 +13,7 @@ import bench
 import bench_plots
 import upsampler.module
 from helpers import seeded_randn
+from upsampler import cpu_cache
 from upsampler.official import official_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,14 +68,21 @@ def test_flags_are_honoured_and_list_is_what_runs(capsys):
         "memory LDAAQU/torch LDAAQU/triton official-style 1x16x6x8 k_u=3 s=2 1.5 (kept for backward, traced)"])
 
 
-@pytest.mark.parametrize("tunables", ["", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"])
-def test_every_row_records_the_allocator_setting(tunables, monkeypatch):
-    # glibc's tunables move the CPU's cost on large maps by up to 1.4x (page faults): a row must say which
+KEEP_HEAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+@pytest.mark.parametrize("tunables,cache", [("", ""), (KEEP_HEAP, "0"), ("", "0.5")])
+def test_every_row_records_the_allocator_setting(tunables, cache, monkeypatch):
+    # glibc's tunables and the CPU cache move the CPU's cost on large maps by up to 1.5x (page faults): a
+    # row must say which
     monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    monkeypatch.setenv("LDA_AQU_CPU_CACHE_GIB", cache)
     row = bench.meta()
     assert row["malloc"] == tunables and set(row) <= set(bench.FIELDS)
+    assert row["cpu_cache_gib"] == (float(cache) if cache else pytest.approx(cpu_cache.limit() / 2 ** 30, rel=1e-3))
+    assert row["cpu_cache_gib"] > 0 or cache == "0"
     label = bench_plots.run_label([dict(row, dtype="fp32", threads=1)])
-    assert ("GLIBC_TUNABLES set" in label) == bool(tunables)
+    assert ("GLIBC_TUNABLES set" in label) == bool(tunables) and ("CPU cache off" in label) == (cache == "0")
 
 
 @CPU_ONLY

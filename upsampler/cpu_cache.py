@@ -19,6 +19,7 @@ every allocation in the process):
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import threading
@@ -31,6 +32,7 @@ MIN_BYTES = 1 << 20  # smaller blocks come from glibc's heap, which keeps them
 AGE = 256  # a block freed this many takes ago and not taken since goes (a step takes a few dozen)
 
 
+@functools.lru_cache(maxsize=None)
 def _default_limit() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
@@ -56,7 +58,8 @@ class _Block:
     __slots__ = ("storage", "nbytes", "used")
 
     def __init__(self, nbytes: int):
-        self.storage, self.nbytes, self.used = torch.empty(nbytes, dtype=torch.uint8, device="cpu").untyped_storage(), nbytes, 0
+        self.storage = torch.empty(nbytes, dtype=torch.uint8, device="cpu").untyped_storage()
+        self.nbytes, self.used = nbytes, 0
 
 
 _lock = threading.Lock()  # for _take; the free lists' appends (from any thread's frees) need only the GIL
@@ -126,16 +129,13 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
                 view = (ctypes.c_char * nbytes).from_address(b.storage.data_ptr())
                 weakref.finalize(view, _give_back, b).atexit = False
                 # set_, not view: a view would keep the flat tensor, and with it a second use of the storage
-                out = torch.empty(0, dtype=dtype, device="cpu").set_(torch.frombuffer(view, dtype=dtype).untyped_storage(), 0, shape)
+                storage = torch.frombuffer(view, dtype=dtype).untyped_storage()
+                out = torch.empty(0, dtype=dtype, device="cpu").set_(storage, 0, shape)
                 # as torch.empty: deterministic mode fills what it hands out
                 if torch.are_deterministic_algorithms_enabled() and torch.utils.deterministic.fill_uninitialized_memory:
                     out.fill_(float("nan"))
                 return out
     return torch.empty(shape, dtype=dtype, device="cpu")
-
-
-def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    return empty(shape, dtype).zero_()
 
 
 def release() -> int:
