@@ -86,13 +86,11 @@ def _evict(nbytes: int, before: float = math.inf) -> int:
     the bytes dropped."""
     global _held
     gone = 0
+    # copies: another thread's free may append meanwhile (only the GIL guards _give_back)
     for b in sorted((b for bs in list(_free.values()) for b in list(bs)), key=lambda b: b.used):
         if gone >= nbytes and b.used >= before:
             break
-        try:
-            _free[b.nbytes].remove(b)
-        except (KeyError, ValueError):  # taken meanwhile
-            continue
+        _free[b.nbytes].remove(b)  # takes hold the lock too: b is still there
         gone += b.nbytes
     _held -= gone
     return gone
