@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -99,6 +100,13 @@ def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERP
     return Config(block_p=16, block_d=min(32, seg_d), block_c=min(128, seg_c), num_warps=4)
 
 
+def split_float(x: float) -> tuple[float, float]:
+    """(hi, lo), fp32 values whose sum is x to 48 bits: the JIT passes a float argument as fp32."""
+    with np.errstate(over="ignore"):  # past fp32's range the kernels' fp32 math overflows alike
+        hi = float(np.float32(x))
+        return hi, float(np.float32(x - hi)) if abs(hi) < np.inf else 0.0
+
+
 def _acc(dtype: torch.dtype):
     acc = acc_dtype(dtype)
     return acc, tl.float64 if acc == torch.float64 else tl.float32
@@ -184,7 +192,7 @@ def upsample_fwd(v, size, spec: Spec, offset=None, q=None, k=None, rpb=None, wts
                 attn_b if attn_b is not None else out_b,
                 *_strides(q), *_strides(k), *v.stride(), offset.stride(0) if offset is not None else 0,
                 wts.stride(0) if wts is not None else 0,
-                pb.H, pb.W, pb.Ho, pb.Wo, P, spec.scale,
+                pb.H, pb.W, pb.Ho, pb.Wo, P, *split_float(spec.scale),
                 STORE_ATTN=need_attn, FLAT_Q=_flat(q),
                 **_constexprs(pb, spec, cfg, v.dtype, offset is not None, rpb is not None, int64),
             )
@@ -242,7 +250,7 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
                 cw_b if cw_b is not None else dummy,
                 *_strides(q), *_strides(k), *v.stride(), off_c.stride(0) if off_c is not None else 0,
                 *dout.stride(), *_strides(dk), *dv.stride(), *_strides(dq),
-                pb.H, pb.W, pb.Ho, pb.Wo, P, spec.scale, drpb.shape[0] if drpb is not None else 1,
+                pb.H, pb.W, pb.Ho, pb.Wo, P, *split_float(spec.scale), drpb.shape[0] if drpb is not None else 1,
                 ATOMIC=not deterministic, FLAT_Q=_flat(q, dq), FLAT_DO=_flat(dout),
                 **_constexprs(pb, spec, cfg, v.dtype, offset is not None, rpb is not None, int64),
             )

@@ -66,6 +66,28 @@ def _chunk_mask(o_c, c_hi, BLOCK: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    # fp32 `/` compiles to an approximate division (div.full.f32, up to 2 ulp): a ratio that decides
+    # on which side of a pixel edge a position falls is rounded correctly, as the reference's is
+    if ACC == tl.float32:
+        q = tl.math.div_rn(a, b)
+    else:  # one return: the compiler types every return statement, taken or not
+        q = a / b
+    return q
+
+
+@triton.jit
+def _host_float(hi, lo, ACC: tl.constexpr):
+    # a float argument reaches a compiled kernel as fp32: an fp64 value is passed as the sum of two
+    # fp32 halves (hi = fp32(x), lo = fp32(x - hi); 48 bits of x)
+    if ACC == tl.float64:
+        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        x = tl.cast(hi, tl.float32)
+    return x
+
+
+@triton.jit
 def _pixel_tile(H, W, Ho, Wo, P, BLOCK_P: tl.constexpr, COORD: tl.constexpr, INT64: tl.constexpr,
                 ACC: tl.constexpr):
     """This program's output pixels: flat index, mask, row and column, and per pixel the origin
@@ -75,20 +97,21 @@ def _pixel_tile(H, W, Ho, Wo, P, BLOCK_P: tl.constexpr, COORD: tl.constexpr, INT
     o_y = o_p // Wo
     o_x = o_p % Wo
     if INT64:
-        P = P.to(tl.int64)
+        # tl.cast, not P.to: a launch with P == 1 passes P as the constant 1
+        P = tl.cast(P, tl.int64)
         o_y = o_y.to(tl.int64)
         o_x = o_x.to(tl.int64)
     if COORD == ALIGN_CORNERS:
         # align-corners ratio from output to input pixels; 0 for a single output row/column
-        uy = (H - 1).to(ACC) / tl.maximum(Ho - 1, 1).to(ACC) * (Ho > 1).to(ACC)
-        ux = (W - 1).to(ACC) / tl.maximum(Wo - 1, 1).to(ACC) * (Wo > 1).to(ACC)
+        uy = _div((H - 1).to(ACC), tl.maximum(Ho - 1, 1).to(ACC), ACC) * (Ho > 1).to(ACC)
+        ux = _div((W - 1).to(ACC), tl.maximum(Wo - 1, 1).to(ACC), ACC) * (Wo > 1).to(ACC)
         yb = o_y.to(ACC)
         xb = o_x.to(ACC)
     elif COORD == HALF_PIXEL:
         uy = 1.
         ux = 1.
-        yb = (o_y.to(ACC) + 0.5) * (H.to(ACC) / Ho.to(ACC)) - 0.5
-        xb = (o_x.to(ACC) + 0.5) * (W.to(ACC) / Wo.to(ACC)) - 0.5
+        yb = (o_y.to(ACC) + 0.5) * _div(H.to(ACC), Ho.to(ACC), ACC) - 0.5
+        xb = (o_x.to(ACC) + 0.5) * _div(W.to(ACC), Wo.to(ACC), ACC) - 0.5
     else:
         # F.interpolate's nearest source pixel: a correctly rounded float32 ratio, floor, clamp
         uy = 1.
@@ -241,7 +264,7 @@ def upsample_fwd_kernel(
     s_kb, s_kc, s_ky, s_kx,
     s_vb, s_vc, s_vy, s_vx,
     s_ob, s_wb,
-    H, W, Ho, Wo, P, scale,
+    H, W, Ho, Wo, P, scale_hi, scale_lo,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     NH_PAD: tl.constexpr, K_PAD: tl.constexpr, GRID: tl.constexpr, COORD: tl.constexpr, BORDER: tl.constexpr,
     WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -256,6 +279,7 @@ def upsample_fwd_kernel(
     CG: tl.constexpr = C // G
     CH: tl.constexpr = C // NH
     i_b = tl.program_id(1).to(tl.int64)
+    scale = _host_float(scale_hi, scale_lo, ACC)
     o_p, m_p, o_y, o_x, yb, xb, uy, ux, P = _pixel_tile(H, W, Ho, Wo, P, BLOCK_P, COORD, INT64, ACC)
     v += i_b * s_vb
     off += i_b * s_ob
@@ -336,7 +360,7 @@ def upsample_bwd_kernel(
     s_dkb, s_dkc, s_dky, s_dkx,
     s_dvb, s_dvc, s_dvy, s_dvx,
     s_dqb, s_dqc, s_dqy, s_dqx,
-    H, W, Ho, Wo, P, scale, n_slots,
+    H, W, Ho, Wo, P, scale_hi, scale_lo, n_slots,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     NH_PAD: tl.constexpr, K_PAD: tl.constexpr, GRID: tl.constexpr, COORD: tl.constexpr, BORDER: tl.constexpr,
     WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -356,6 +380,7 @@ def upsample_bwd_kernel(
     CG: tl.constexpr = C // G
     CH: tl.constexpr = C // NH
     i_b = tl.program_id(1).to(tl.int64)
+    scale = _host_float(scale_hi, scale_lo, ACC)
     o_p, m_p, o_y, o_x, yb, xb, uy, ux, P = _pixel_tile(H, W, Ho, Wo, P, BLOCK_P, COORD, INT64, ACC)
     o_dop = _pixel_offsets(o_p, o_y, o_x, s_doy, s_dox, FLAT_DO)
     v += i_b * s_vb

@@ -17,6 +17,17 @@ import pytest  # noqa: E402
 
 from upsampler import cpu_cache  # noqa: E402
 
+import jit_semantics  # noqa: E402
+
+# interpreted launches take the compiled kernel's semantics (see jit_semantics.py)
+JIT_SEED = jit_semantics.install() if os.environ.get("TRITON_INTERPRET") == "1" and jit_semantics.enabled() else None
+
+
+def pytest_report_header(config):
+    if JIT_SEED is None:
+        return "kernels: compiled, or the plain interpreter (LDA_AQU_JIT_SEMANTICS=0)"
+    return f"kernels: interpreter with the JIT's semantics, LDA_AQU_JIT_SEED={JIT_SEED}"
+
 # torch.device(...) as a context (and set_default_device) moves factory calls found in a set that is built
 # once, on first use; built after the patch below it would hold the patched torch.empty, which then makes
 # its tensors on the CPU whatever the context says. Build it now, with the real one.

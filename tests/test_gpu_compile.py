@@ -48,6 +48,10 @@ JOBS += [Job(FPN_P2, "fp16", d) for d in ("fwd", "bwd")]
 JOBS += [Job(FPN_P2, "fp32", d, cc=80) for d in ("fwd", "bwd")]
 EXTRA = [Job(FPN_P2, "fp64", d, deterministic=det) for d, det in (FWD, BWD, DET)]
 EXTRA += [Job(FPN_P2, "fp32", d, int64=True) for d in ("fwd", "bwd")]
+# a one-pixel output: the JIT passes P == 1 as a constant, which the int64 path must still widen
+ONE_PIXEL = Problem(1, 64, 64, 4, 5, 1, 1, 2, 1, 9)
+EXTRA += [Job(ONE_PIXEL, dtype, d, deterministic=det, int64=True) for dtype in ("fp32", "fp64")
+          for d, det in (FWD, BWD, DET)]
 # what the public op launches at FPN P2 (default, non-deterministic mode)
 OP = [Job(FPN_P2, dtype, d, via_op=True) for dtype in ("fp32", "bf16") for d in ("fwd", "bwd")]
 
