@@ -278,6 +278,31 @@ def test_a_run_killed_mid_way_keeps_the_rows_it_measured(tmp_path):
     assert list(rows[0]) == bench.FIELDS
 
 
+@pytest.mark.parametrize("compiled", ["after", "skip", "only"])
+def test_gpu_torch_compile_rows_come_after_every_other_row(compiled, monkeypatch, tmp_path):
+    """The cold torch.compile baselines run after every Triton and eager row (a GPU stage cut short
+    keeps those), or alone, or not at all; each row reaches the CSV as it is measured."""
+    timed = []
+
+    def time_gpu(case, b, fn, x, dt, *args):
+        timed.append((case, b, dt, args[-1]))
+        assert len(list(csv.DictReader(open(tmp_path / "bench.csv")))) == len(timed) - 1
+        return dict(case=case, backend=b, dtype=dt, status="ok")
+    monkeypatch.setattr(bench, "time_gpu", time_gpu)
+
+    def build(dtype=torch.float32, grad=False):
+        return {b: None for b in ("triton", "eager", "torch.compile")}, None
+    comps = [("op", k, 2.0, (1, 8, 4, 4), build) for k in (3, 5)] + [("module", 3, 2.0, (1, 8, 4, 4), lambda *a: (
+        {"LDAAQU": None, "official-style": None}, None))]
+    rows = bench.Rows(tmp_path / "bench.csv")
+    bench.run_gpu(comps, ["fp32", "bf16"], rows, compiled)
+    rows.close()
+    kinds = [b == "torch.compile" for _, b, _, _ in timed]
+    expect = {"after": (32, 8), "skip": (24, 0), "only": (8, 8)}[compiled]  # (all rows, torch.compile rows)
+    assert (len(timed), sum(kinds)) == expect and kinds == sorted(kinds)
+    assert len(list(csv.DictReader(open(tmp_path / "bench.csv")))) == len(timed)
+
+
 def test_targets_table_says_pass_and_miss_from_the_numbers():
     rows = [dict(r, B=1, C=128, H=40, W=60) for r in bench_plots.read_rows(_rows()) if r["case"] == "module"]
     table, missed = bench.targets(rows)
