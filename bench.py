@@ -3,6 +3,7 @@ beside their plain PyTorch forms, forward and forward+backward:
 
     python bench.py [--quick] [--out DIR] [--shape B C H W [--shape ...]] [--kernel-sizes ..] [--scales ..]
                     [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--budget-gib G] [--list]
+                    [--torch-compile after|skip|only]
     python bench.py --sizes [SIDE ...] [--shape 1 C 1 1] [--threads N] [--budget-gib G]
 
 On a CPU: the LDAAQU module (the torch path) against the official-style module (same weights) at every
@@ -22,8 +23,10 @@ on the op's byte floor.
 to square outputs of each SIDE (default 128 256 512 1024 2048), forward, and forward+backward up to
 SIZES_BWD_MAX, beside the official-style module where its estimate fits (cost_vs_size.png).
 
-Writes bench.csv into DIR (default results/<gpu name>/, results/cpu/ without a GPU), the figures of
-bench_plots.py from it, and targets.md (the CPU targets, pass or miss per point).
+Writes bench.csv into DIR (default results/<gpu name>/, results/cpu/ without a GPU), each row as it is
+measured (a run cut short keeps its rows), then the figures of bench_plots.py from it, and targets.md
+(the CPU targets, pass or miss per point). On a GPU the op's torch.compile rows come after all others
+(--torch-compile after|skip|only: scripts/gpu.sh gives them a stage of their own, last).
 """
 from __future__ import annotations
 
@@ -280,8 +283,28 @@ def _g(x, digits=4):
     return float(f"{x:.{digits}g}")
 
 
-def run_cpu(comps, rate, budget_s):
-    rows, start = [], time.perf_counter()
+class Rows(list):
+    """The rows measured so far, each written to the CSV and flushed as it is appended (the header
+    first): a run cut short by a time limit or a kill keeps every row it measured."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.file = open(path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=FIELDS)
+        self.writer.writeheader()
+        self.file.flush()
+
+    def append(self, row):
+        super().append(row)
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def run_cpu(comps, rate, budget_s, rows):
+    start = time.perf_counter()
     for case, k_u, s, shape, build in comps:
         B, C, H, W = shape
         px = B * int(H * s) * int(W * s)
@@ -350,10 +373,9 @@ def summary(ours, base) -> str:
     return line + f"  [load {ours['load_before']:.2f}->{ours['load_after']:.2f}{' LOADED' if load > CORES else ''}]"
 
 
-def memory_rows(channels, spatial, kernel_sizes, scales):
+def memory_rows(channels, spatial, kernel_sizes, scales, rows):
     """What autograd keeps for backward, LDAAQU with the torch and the Triton backends and the
     official-style module, traced on fake tensors at 1 x C x H x W for each C: no timing."""
-    rows = []
     for C in channels:
         for k_u in kernel_sizes:
             for s in scales:
@@ -493,55 +515,62 @@ def dynamo_note(counters) -> tuple[str, bool]:
     return note, eager or breaks > 0
 
 
-def run_gpu(comps, dtypes):
+def run_gpu(comps, dtypes, rows, compiled="after"):
     """Each backend of each comparison timed by triton.testing.do_bench (median), with the CUDA peak.
-    A torch.compile row whose function fell back to eager (in part or whole) says so in its status,
+    The torch.compile rows (`compiled`: "after" every other row, "skip", or "only") compile cold, tens
+    of seconds each: after the rest, a run cut short has every Triton and eager row first. A
+    torch.compile row whose function fell back to eager (in part or whole) says so in its status,
     so that its number is never read as compiled."""
-    from torch._dynamo.utils import counters
-    rows = []
-    for case, k_u, s, shape, build in comps:
-        B, C, H, W = shape
-        out_numel = B * C * int(H * s) * int(W * s)
-        for dt in dtypes:
-            for backward in (False, True):
-                fns, x = build(DTYPES[dt], backward)
-                tensors = x if case == "op" else [x]
-                for b, fn in fns.items():
-                    row = dict(meta(), case=case, backend=b, direction="fwd+bwd" if backward else "fwd", dtype=dt,
-                               k_u=k_u, scale=s, B=B, C=C, H=H, W=W, load_before=os.getloadavg()[0])
-                    counters.clear()
-                    try:
-                        saved = kept_for_backward(fn) if backward else ""
-                        step(fn, backward)  # the warm-up: compilation, autotuning, the allocator
-                        torch.cuda.synchronize()
-                        mem0 = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                        step(fn, backward)
-                        torch.cuda.synchronize()
-                        peak = torch.cuda.max_memory_allocated() - mem0
-                        ms = triton.testing.do_bench(lambda: step(fn, backward), warmup=25, rep=100,
-                                                     return_mode="median")
-                        floor = floor_bytes(tensors, out_numel, tensors[0].element_size(), backward)
-                        row.update(ms=_g(ms), mpix_per_s=_g(out_numel / C / ms / 1e3),
-                                   gb_per_s=_g(floor / ms / 1e6) if case == "op" else "",
-                                   floor_bytes=floor if case == "op" else "", saved_for_backward_bytes=saved,
-                                   peak_cuda_bytes=peak, status="ok")
-                        if b == "torch.compile":
-                            row["dynamo"], eager = dynamo_note(counters)
-                            if eager:
-                                row["status"] = f"eager fallback: {row['dynamo']}"
-                                print(f"warning: {case} {b} {dt} k_u={k_u} s={s:g} ran (partly) eagerly: "
-                                      f"{row['dynamo']}", flush=True)
-                    except Exception as e:  # noqa: BLE001 - an OOM or a compiler failure is a result
-                        row.update(status=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                        torch.cuda.empty_cache()
-                    row["load_after"] = os.getloadavg()[0]
-                    rows.append(row)
-                    print(f"{case:8} {b:15} {row['direction']:7} {dt:4} {B}x{C}x{H}x{W} k_u={k_u} s={s:g}: "
-                          f"{row.get('ms', '-')} ms  {row.get('mpix_per_s', '-')} Mpx/s  {row.get('gb_per_s') or '-'}"
-                          f" GB/s  saved {row.get('saved_for_backward_bytes') or '-'} B  {row['status'][:60]}",
-                          flush=True)
+    passes = {"after": (False, True), "skip": (False,), "only": (True,)}[compiled]
+    for compile_pass in passes:
+        for case, k_u, s, shape, build in comps:
+            for dt in dtypes:
+                for backward in (False, True):
+                    fns, x = build(DTYPES[dt], backward)
+                    fns = {b: f for b, f in fns.items() if (b == "torch.compile") == compile_pass}
+                    for b, fn in fns.items():
+                        rows.append(time_gpu(case, b, fn, x, dt, k_u, s, shape, backward))
+                    del fns, x
     return rows
+
+
+def time_gpu(case, b, fn, x, dt, k_u, s, shape, backward) -> dict:
+    from torch._dynamo.utils import counters
+    B, C, H, W = shape
+    out_numel = B * C * int(H * s) * int(W * s)
+    tensors = x if case == "op" else [x]
+    row = dict(meta(), case=case, backend=b, direction="fwd+bwd" if backward else "fwd", dtype=dt,
+               k_u=k_u, scale=s, B=B, C=C, H=H, W=W, load_before=os.getloadavg()[0])
+    counters.clear()
+    try:
+        saved = kept_for_backward(fn) if backward else ""
+        step(fn, backward)  # the warm-up: compilation, autotuning, the allocator
+        torch.cuda.synchronize()
+        mem0 = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(fn, backward)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - mem0
+        ms = triton.testing.do_bench(lambda: step(fn, backward), warmup=25, rep=100, return_mode="median")
+        floor = floor_bytes(tensors, out_numel, tensors[0].element_size(), backward)
+        row.update(ms=_g(ms), mpix_per_s=_g(out_numel / C / ms / 1e3),
+                   gb_per_s=_g(floor / ms / 1e6) if case == "op" else "",
+                   floor_bytes=floor if case == "op" else "", saved_for_backward_bytes=saved,
+                   peak_cuda_bytes=peak, status="ok")
+        if b == "torch.compile":
+            row["dynamo"], eager = dynamo_note(counters)
+            if eager:
+                row["status"] = f"eager fallback: {row['dynamo']}"
+                print(f"warning: {case} {b} {dt} k_u={k_u} s={s:g} ran (partly) eagerly: {row['dynamo']}",
+                      flush=True)
+    except Exception as e:  # noqa: BLE001 - an OOM or a compiler failure is a result
+        row.update(status=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        torch.cuda.empty_cache()
+    row["load_after"] = os.getloadavg()[0]
+    print(f"{case:8} {b:15} {row['direction']:7} {dt:4} {B}x{C}x{H}x{W} k_u={k_u} s={s:g}: "
+          f"{row.get('ms', '-')} ms  {row.get('mpix_per_s', '-')} Mpx/s  {row.get('gb_per_s') or '-'}"
+          f" GB/s  saved {row.get('saved_for_backward_bytes') or '-'} B  {row['status'][:60]}", flush=True)
+    return row
 
 
 # ---- the command line --------------------------------------------------------------------------------
@@ -575,6 +604,9 @@ def parse(argv=None):
     ap.add_argument("--sizes", type=int, nargs="*", metavar="SIDE", default=None,
                     help=f"the cost against size: square outputs of these sides (default {' '.join(map(str, SIZES))}) "
                          "at k_u=3 (or the first --kernel-sizes), s=2 (or the first --scales), C from --shape (64)")
+    ap.add_argument("--torch-compile", choices=["after", "skip", "only"], default=None,
+                    help="GPU: the op's torch.compile rows, which compile cold (tens of seconds each): after every "
+                         "other row (default), skipped, or alone")
     ap.add_argument("--list", action="store_true", help="print the cases that will run here, and exit")
     args = ap.parse_args(argv)
     for shape in (args.shape or []) + ([args.upsampler_shape] if args.upsampler_shape else []):
@@ -591,12 +623,15 @@ def parse(argv=None):
             ap.error("--threads sets the CPU comparison's threads; this machine has a GPU, which runs the GPU grid")
         if args.memory_channels is not None:
             ap.error("--memory-channels: the memory-only rows are a CPU run's (a GPU run measures every case)")
+        args.torch_compile = args.torch_compile or "after"
     else:
         if args.dtype and args.dtype != ["fp32"]:
             ap.error(f"--dtype {' '.join(args.dtype)}: the CPU comparison runs fp32 only (the official-style "
                      "module and the torch path have no fast reduced-precision CPU kernels to compare)")
         if args.cases and "op" in args.cases:
             ap.error("--cases op times the Triton kernels, which need a GPU (on a CPU they only run interpreted)")
+        if args.torch_compile:
+            ap.error("--torch-compile orders the GPU op's torch.compile rows; a CPU run has none")
         if args.threads is not None and args.threads < 1:
             ap.error(f"--threads must be positive, got {args.threads}")
     if args.budget_gib is not None and not args.budget_gib > 0:
@@ -647,6 +682,8 @@ def main(argv=None):
         for case, k_u, s, shape, build in comps:
             why = {} if GPU else refusals(build)
             for b in build()[0]:
+                if GPU and args.torch_compile != "after" and (b == "torch.compile") != (args.torch_compile == "only"):
+                    continue
                 print(f"{case} {b} {'x'.join(map(str, shape))} k_u={k_u} s={s:g} {' '.join(args.dtypes)} fwd fwd+bwd"
                       + (f"  ({why[b]})" if b in why else ""))
         for C in args.memory_channels:
@@ -656,20 +693,20 @@ def main(argv=None):
         return
     out = args.out or os.path.join("results", device_slug())
     os.makedirs(out, exist_ok=True)
-    if GPU:
-        rows = run_gpu(comps, args.dtypes)
-    else:
-        rate, m = matmul_rate(), meta()
-        print(f"{device_name()}, {torch.get_num_threads()} thread(s): fp32 matmul {rate:.1f} GFLOP/s "
-              f"(1024^2, min of 10), load average {os.getloadavg()[0]:.2f}, CPU cache {m['cpu_cache_gib']} GiB"
-              + (f", GLIBC_TUNABLES={m['malloc']}" if m["malloc"] else ""), flush=True)
-        rows = run_cpu(comps, rate, 0.3 if args.quick else 2.0) + memory_rows(args.memory_channels, args.shapes[0][2:], args.kernel_sizes,
-                                                   args.scales)
     path = os.path.join(out, "bench.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    rows = Rows(path)
+    try:
+        if GPU:
+            run_gpu(comps, args.dtypes, rows, args.torch_compile)
+        else:
+            rate, m = matmul_rate(), meta()
+            print(f"{device_name()}, {torch.get_num_threads()} thread(s): fp32 matmul {rate:.1f} GFLOP/s "
+                  f"(1024^2, min of 10), load average {os.getloadavg()[0]:.2f}, CPU cache {m['cpu_cache_gib']} GiB"
+                  + (f", GLIBC_TUNABLES={m['malloc']}" if m["malloc"] else ""), flush=True)
+            run_cpu(comps, rate, 0.3 if args.quick else 2.0, rows)
+            memory_rows(args.memory_channels, args.shapes[0][2:], args.kernel_sizes, args.scales, rows)
+    finally:
+        rows.close()
     table, missed = targets(rows) if not GPU else ("", [])
     if table:
         open(os.path.join(out, "targets.md"), "w").write(table)

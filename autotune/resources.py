@@ -30,12 +30,44 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
 
 from kernels.launchers import INTERPRET, Config, Problem
 from kernels.layout import DTYPES, acc_dtype
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# Every Triton internal used here (they move between releases), looked up by internal() alone
+INTERNALS = ("triton.backends.compiler:GPUTarget", "triton.compiler:make_backend", "triton.compiler:ASTSource",
+             "triton.knobs:runtime", "triton.knobs:compilation", "triton.runtime.jit:JITFunction.run",
+             "triton.runtime.jit:JITFunction._pack_args", "triton.runtime.jit:create_function_from_signature",
+             "triton.backends.nvidia.compiler:get_ptxas")
+
+
+class MissingTritonInternal(RuntimeError):
+    """This Triton lacks something the compile harness needs; the message names it."""
+
+
+def internal(path: str):
+    """The Triton object at "module:attr.attr", or MissingTritonInternal naming it and this Triton."""
+    module, _, attrs = path.partition(":")
+    try:
+        found = importlib.import_module(module)
+        for name in attrs.split("."):
+            found = getattr(found, name)
+    except (ImportError, AttributeError) as e:
+        raise MissingTritonInternal(f"autotune.resources needs Triton's {path}, which Triton {triton.__version__} "
+                                    f"lacks ({type(e).__name__}: {e}); launches cannot be compiled as its JIT "
+                                    "would compile them") from None
+    return found
+
+
+def check_internals() -> None:
+    """MissingTritonInternal for the first internal (or cuobjdump, which Triton ships) that is missing."""
+    for path in INTERNALS:
+        internal(path)
+    if not os.path.exists(os.path.join(BIN, "cuobjdump")):
+        raise MissingTritonInternal(f"autotune.resources needs the cuobjdump that Triton ships in {BIN}, which "
+                                    f"Triton {triton.__version__} lacks")
 
 
 class Job(NamedTuple):
@@ -195,20 +227,22 @@ class Launch(NamedTuple):
 @contextlib.contextmanager
 def _intercepted(cc: int):
     """Kernel launches are recorded (specialised by the JIT's own binder for sm_<cc>), never run."""
-    from triton import knobs
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-    backend = make_backend(GPUTarget("cuda", cc, 32))
+    JITFunction = internal("triton.runtime.jit:JITFunction")
+    create_function_from_signature = internal("triton.runtime.jit:create_function_from_signature")
+    runtime, compilation = internal("triton.knobs:runtime"), internal("triton.knobs:compilation")
+    pack_args = internal("triton.runtime.jit:JITFunction._pack_args")
+    target = internal("triton.backends.compiler:GPUTarget")("cuda", cc, 32)
+    backend = internal("triton.compiler:make_backend")(target)
     binders, recorded = {}, []
 
     def run(self, *args, grid, warmup, **kwargs):
         # as JITFunction.run does before compiling
-        kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        kwargs["debug"] = kwargs.get("debug", self.debug) or runtime.debug
+        kwargs["instrumentation_mode"] = compilation.instrumentation_mode
         if self not in binders:
             binders[self] = create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binders[self](*args, **kwargs)
-        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        options, signature, constexprs, attrs = pack_args(self, backend, kwargs, bound, specialization, options)
         recorded.append(("", f"{self.fn.__module__}:{self.fn.__name__}", signature, constexprs, attrs,
                          dict(options.__dict__), cc))
         return None
@@ -241,8 +275,7 @@ def record(job: Job) -> list[Launch]:
 # --- compiling ----------------------------------------------------------------------------------
 
 def _ptxas(cc: int) -> str:
-    from triton.backends.nvidia.compiler import get_ptxas
-    return get_ptxas(cc).path  # the one the JIT builds the cubin with
+    return internal("triton.backends.nvidia.compiler:get_ptxas")(cc).path  # the one the JIT builds the cubin with
 
 
 def sass_summary(sass: str) -> tuple[dict, dict, int]:
@@ -266,7 +299,7 @@ def sass_summary(sass: str) -> tuple[dict, dict, int]:
 
 
 def _compile(launch: Launch) -> Report:
-    from triton.compiler import ASTSource
+    ASTSource, GPUTarget = internal("triton.compiler:ASTSource"), internal("triton.backends.compiler:GPUTarget")
     module, name = launch.kernel.split(":")
     fn = getattr(importlib.import_module(module), name)
     names = list(launch.signature)
@@ -329,6 +362,7 @@ def compile_reports(jobs: list[Job]) -> list[list[Report]]:
     launch is compiled once, all of them in parallel."""
     if not jobs:
         return []
+    check_internals()
     if not INTERPRET:
         return _compile_here(jobs)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -336,6 +370,8 @@ def compile_reports(jobs: list[Job]) -> list[list[Report]]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     run = subprocess.run([sys.executable, "-m", "autotune.resources"], input=json.dumps([_to_json(j) for j in jobs]),
                          capture_output=True, text=True, env=env)
+    if run.returncode == MISSING:
+        raise MissingTritonInternal(run.stderr.strip().splitlines()[-1])
     if run.returncode:
         raise RuntimeError(f"compiling in a child process failed:\n{run.stderr[-4000:]}")
     return [[Report(**dict(r, loads={int(b): n for b, n in r["loads"].items()})) for r in found]
@@ -349,7 +385,13 @@ def evaluate(pb: Problem, dtype: str, direction: str, configs: list[Config], cc:
     return compile_reports([Job(pb, dtype, direction, c, deterministic, cc) for c in configs])
 
 
+MISSING = 3  # the child's exit status for MissingTritonInternal, its message the last line of stderr
+
 if __name__ == "__main__":
     from autotune import resources  # the importable module, whose functions the workers can unpickle
-    found = resources.compile_reports([resources._from_json(d) for d in json.load(sys.stdin)])
+    try:
+        found = resources.compile_reports([resources._from_json(d) for d in json.load(sys.stdin)])
+    except resources.MissingTritonInternal as e:
+        print(e, file=sys.stderr)
+        sys.exit(MISSING)
     print(json.dumps([[r._asdict() for r in reports] for reports in found]))

@@ -1,6 +1,7 @@
 """The tuning cache: lazy, per device, atomic, and never fatal; the sweep CLI end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -172,25 +173,72 @@ def test_cli_rejects_bad_arguments(args, capsys):
 
 
 def fake_kernel(bias):
-    """upsample_fwd as the reference plus `bias`: a fast stand-in for a right or a wrong kernel."""
+    """upsample_fwd as the reference in the inputs' precision plus bias(config): a fast stand-in for
+    right and wrong kernels."""
     def fwd(v, size, spec, offset, q, k, rpb, config=None, need_attn=True):
         ref = sweep.deformable_local_attention_ref(q.float(), k.float(), v.float(), offset.float(), rpb.float(),
                                                    num_heads=spec.NH, num_groups=spec.G, scale=spec.scale)
-        return (ref + bias).to(q.dtype), None
+        return (ref + bias(config)).to(q.dtype), None
     return fwd
 
 
-@pytest.mark.parametrize("bias", [0.0, 0.1])
-def test_sweep_keeps_only_what_matches_the_reference(fresh_cache, monkeypatch, bias):
-    monkeypatch.setattr(sweep, "upsample_fwd", fake_kernel(bias))
-    monkeypatch.setattr(sweep, "_space", lambda *a: (Config(16, 16, 16, 4),))  # nothing compiled on a GPU
+FAST = Config(16, 16, 16, 4)
+
+
+@pytest.mark.parametrize("fast_bias, default_bias, kept", [(0.0, 0.0, FAST), (1e-3, 0.0, "default"),
+                                                          (0.1, 0.1, None)])
+def test_sweep_keeps_what_matches_float64_else_the_default(fresh_cache, monkeypatch, fast_bias, default_bias, kept):
+    """The fastest configuration is kept when its error against float64 is within the bound of the
+    default's; a faster one off by 1e-3 (fp32: far past rounding) leaves the default kept, so that
+    the variant still has a verified configuration; a default that is itself wrong keeps nothing."""
+    monkeypatch.setattr(sweep, "upsample_fwd", fake_kernel(lambda cfg: fast_bias if cfg == FAST else default_bias))
+    monkeypatch.setattr(sweep, "_space", lambda *a: (FAST,))  # nothing compiled on a GPU
+    times = iter([2.0, 1.0])  # the default, then FAST
+    monkeypatch.setattr(sweep, "_time", lambda fn: next(times))
     pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
     rows = sweep.sweep([pb], ["fp32"], ["fwd"], quick=True)
-    kept = cache.lookup(pb, torch.float32, FWD)
-    if bias:
-        assert rows[0].status.endswith("disagree with the reference") and kept is None
-    else:
-        assert rows[0].status == "ok" and kept == rows[0].config and rows[0].tried == 2
+    row, default = rows[0], default_config(pb)
+    assert row.tried == 2
+    if kept is None:
+        assert row.status.startswith("the default configuration's error exceeds") and row.config is None
+        assert cache.lookup(pb, torch.float32, FWD) is None
+        return
+    kept = default if kept == "default" else kept
+    assert row.status.startswith("ok") and row.config == kept == cache.lookup(pb, torch.float32, FWD)
+    assert row.rel_err < 1e-6  # fp32 against float64
+    assert row.best_ms == (1.0 if kept == FAST else 2.0) and row.default_ms == 2.0
+
+
+def test_a_missing_triton_internal_is_named_and_the_sweep_times_the_default(fresh_cache, monkeypatch, capsys):
+    import triton
+    import triton.compiler
+
+    from autotune import resources
+    monkeypatch.delattr(triton.compiler, "make_backend")
+    pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
+    with pytest.raises(resources.MissingTritonInternal, match=rf"triton.compiler:make_backend, which Triton "
+                                                              rf"{re.escape(triton.__version__)} lacks"):
+        resources.compile_reports([resources.Job(pb)])
+    monkeypatch.setattr(sweep, "INTERPRET", False)  # as on a GPU: the space comes from compiled reports
+    monkeypatch.setattr(sweep, "_SPACES", {})
+    assert sweep._space(pb, "fwd", "fp32", True, 90) == ()
+    assert "triton.compiler:make_backend" in capsys.readouterr().err
+    monkeypatch.setattr(sweep, "INTERPRET", True)
+    monkeypatch.setattr(sweep, "_space", lambda *a: ())
+    row = sweep.sweep([pb], ["fp32"], ["fwd"], quick=True)[0]
+    assert row.tried == 1 and row.status == "ok" and row.config == default_config(pb)
+    assert cache.lookup(pb, torch.float32, FWD) == default_config(pb)
+
+
+def test_the_two_forwards_share_one_compile(monkeypatch):
+    """fwd and fwd-train launch the same kernel: one compile of the candidates reports both launches."""
+    calls = []
+    monkeypatch.setattr(sweep, "INTERPRET", False)
+    monkeypatch.setattr(sweep, "_SPACES", {})
+    monkeypatch.setattr(sweep, "spill_free", lambda pb, found, backward, *a, **k: calls.append(backward) or found[:2])
+    pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
+    spaces = [sweep._space(pb, kernel, "fp32", True, 90) for kernel in ("fwd", "fwd-train", "bwd", "fwd-train")]
+    assert calls == [False, True] and spaces[0] == spaces[1] == spaces[3] and len(spaces[0]) == 2
 
 
 @pytest.mark.parametrize("K", [9, 1])

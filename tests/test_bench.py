@@ -3,8 +3,10 @@ figure drawn from a small made-up CSV (no timings), the memory bench's fake-tens
 with real runs, and one real tiny CPU point end to end."""
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -36,6 +38,7 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU grid's 
     (["--cases", "nope"], "invalid choice"),
     (["--sizes", "33"], "multiples of the integer scale"),
     (["--sizes", "--cases", "module"], "no --cases"),
+    (["--torch-compile", "only"], "a CPU run has none"),
 ])
 def test_bad_flags_are_refused_with_the_reason(argv, why, capsys):
     with pytest.raises(SystemExit) as e:
@@ -248,6 +251,56 @@ def test_one_point_end_to_end(tmp_path):
     assert kept["LDAAQU/torch"] * 5 <= kept["official-style"] and kept["LDAAQU/triton"] * 5 <= kept["official-style"]
     assert (tmp_path / "throughput_vs_scale.png").stat().st_size > 10_000
     assert "faster" in r.stdout or "slower" in r.stdout
+
+
+@CPU_ONLY
+def test_a_run_killed_mid_way_keeps_the_rows_it_measured(tmp_path):
+    """scripts/gpu.sh ends a stage past its limit with SIGTERM (timeout): every row measured before
+    it is in the CSV, whole, under its header."""
+    path = tmp_path / "bench.csv"
+    run = subprocess.Popen([sys.executable, "bench.py", "--quick", "--cases", "dysample", "carafe", "--kernel-sizes",
+                            "3", "5", "--scales", "2", "3", "--threads", "1", "--out", str(tmp_path)], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            if path.exists() and len(path.read_text().splitlines()) >= 3:  # the header and one case's two rows
+                break
+            time.sleep(0.05)
+        run.send_signal(signal.SIGTERM)
+        err = run.communicate(timeout=60)[1]
+    finally:
+        run.kill()
+    assert run.returncode == -signal.SIGTERM, f"the run was not cut mid-way (exit {run.returncode}): {err[-2000:]}"
+    rows = list(csv.DictReader(open(path)))
+    assert 2 <= len(rows) < 24 and not list(tmp_path.glob("*.png"))  # 24: the whole run's rows
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 and r["direction"] in ("fwd", "fwd+bwd") for r in rows)
+    assert list(rows[0]) == bench.FIELDS
+
+
+@pytest.mark.parametrize("compiled", ["after", "skip", "only"])
+def test_gpu_torch_compile_rows_come_after_every_other_row(compiled, monkeypatch, tmp_path):
+    """The cold torch.compile baselines run after every Triton and eager row (a GPU stage cut short
+    keeps those), or alone, or not at all; each row reaches the CSV as it is measured."""
+    timed = []
+
+    def time_gpu(case, b, fn, x, dt, *args):
+        timed.append((case, b, dt, args[-1]))
+        assert len(list(csv.DictReader(open(tmp_path / "bench.csv")))) == len(timed) - 1
+        return dict(case=case, backend=b, dtype=dt, status="ok")
+    monkeypatch.setattr(bench, "time_gpu", time_gpu)
+
+    def build(dtype=torch.float32, grad=False):
+        return {b: None for b in ("triton", "eager", "torch.compile")}, None
+    comps = [("op", k, 2.0, (1, 8, 4, 4), build) for k in (3, 5)] + [("module", 3, 2.0, (1, 8, 4, 4), lambda *a: (
+        {"LDAAQU": None, "official-style": None}, None))]
+    rows = bench.Rows(tmp_path / "bench.csv")
+    bench.run_gpu(comps, ["fp32", "bf16"], rows, compiled)
+    rows.close()
+    kinds = [b == "torch.compile" for _, b, _, _ in timed]
+    expect = {"after": (32, 8), "skip": (24, 0), "only": (8, 8)}[compiled]  # (all rows, torch.compile rows)
+    assert (len(timed), sum(kinds)) == expect and kinds == sorted(kinds)
+    assert len(list(csv.DictReader(open(tmp_path / "bench.csv")))) == len(timed)
 
 
 def test_targets_table_says_pass_and_miss_from_the_numbers():

@@ -3,6 +3,7 @@ results folder (the run a lent GPU gets once must not be the first)."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -16,13 +17,16 @@ def test_gpu_sh_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     stages = dict(line.split(None, 1) for line in (res / "stages.txt").read_text().splitlines())
-    assert list(stages) == ["accuracy", "bandwidth", "sweep", "bench-list", "tests-list", "table"], stages
+    assert list(stages) == ["accuracy", "bandwidth", "sweep", "bench-list", "tests-gpu-only", "tests-list", "table"], \
+        stages
     assert all(how.startswith("ok") for how in stages.values()), stages
     acc = {row["dtype"]: row for row in csv.DictReader(open(res / "accuracy.csv"))}
     assert float(acc["fp32"]["out"]) < 1e-5 and float(acc["bf16"]["dv"]) < 2e-2
     assert json.loads((res / "bandwidth.json").read_text())["gb_per_s"] > 0
     assert len(json.loads((res / "tuning" / "cpu-interpreter-none.json").read_text())["entries"]) == 1
     assert "tests/test_gpu_sh.py::test_gpu_sh_dry_run" in (res / "tests-list.log").read_text()
+    # the GPU-only tests exist, and skip here: the GPU run is where they run first
+    assert "3 skipped" in (res / "tests-gpu-only.log").read_text()
     table = (res / "TABLE.md").read_text()
     assert "Device copy" in table and "| bf16 |" in table and "torch " in table and "Triton " in table
     assert "=== " in (res / "gpu.log").read_text()
@@ -30,6 +34,26 @@ def test_gpu_sh_dry_run(tmp_path):
         assert {"res/TABLE.md", "res/stages.txt", "res/accuracy.csv"} <= set(tar.getnames())
     summary = (res / "SUMMARY.md").read_text()
     assert "accuracy fp32: worst relative error" in summary and "device copy:" in summary
+
+
+def test_gpu_stage_limits_fit_the_budget():
+    """The GPU run's stage limits add up to its budget (a 9-minute call less the set-up), the report's
+    within the reserve; the cold torch.compile baselines come after every Triton row, the GPU-only
+    tests before the rest."""
+    text = open(os.path.join(ROOT, "scripts", "gpu.sh")).read()
+    budget = int(re.search(r"BUDGET=(\d+)", text).group(1))
+    gpu = text[text.index("# most telling first"):]
+    limits = dict(re.findall(r"stage (\S+) (\d+) ", gpu))
+    limits = {name: int(n) for name, n in limits.items()}
+    assert sum(limits.values()) <= budget <= 540 - 30, limits
+    reserve = int(re.search(r"RESERVE=(\d+)", text).group(1))
+    assert limits["table"] <= reserve
+    names = list(limits)
+    assert names[-2:] == ["bench-compile", "table"] and names.index("tests-gpu-only") == names.index("tests") - 1
+    benches = re.findall(r"stage (bench-\S+) \d+ (.*?)(?<!\\)\n", gpu, re.S)
+    assert all(("--torch-compile skip" in cmd) == (name not in ("bench-compile", "bench-upsamplers"))
+               for name, cmd in benches), benches
+    assert "--torch-compile only" in dict(benches)["bench-compile"]
 
 
 def test_summary_names_speedups_and_failed_tests(tmp_path):
