@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should do, in one command that ends within its budget (the 9-minute call less
-# a minute for `pip install -e .` before it):
+# Everything a lent GPU should do, in one command that ends within its budget (480 s: the 9-minute
+# call less a minute's margin; nothing is installed):
 #   accuracy   the op against the float64 reference at FPN P2, fp32 and bf16, forward and gradients
 #   bandwidth  a 1 GiB device-to-device copy (GB/s), what the op's effective GB/s is compared with
 #   sweep      python -m autotune sweep over the FPN buckets the bench runs (k_u 3, fp32 bf16; the
