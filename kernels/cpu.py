@@ -3,8 +3,8 @@ on first use into a per-user build folder, loaded through ctypes, launched on to
 
 No torch headers are compiled (a second's build), and the library links the same OpenMP runtime that
 torch has loaded (libgomp.so.1, by soname), so its threads are torch's (`torch.get_num_threads()`).
-Where no compiler is found the build fails once, says why (`unavailable()`), and the torch path keeps
-its gather form. LDA_AQU_NATIVE=0 turns the native kernels off.
+Where no compiler is found, or the library's `Problem` struct differs from `_Problem` (checked on
+load), the native kernels fail once, say why (`unavailable()`), and the torch path keeps its gather form. LDA_AQU_NATIVE=0 turns the native kernels off.
 """
 from __future__ import annotations
 
@@ -35,6 +35,26 @@ class _Problem(ctypes.Structure):
         [(n, ctypes.c_void_p) for n in ("seg", "qseg", "y0", "x0", "base", "v", "offset", "q", "k", "rpb", "given",
                                         "out", "w", "dout", "dv", "dk", "dq", "dlogit", "dw", "doffset")] + \
         [(n, ctypes.c_int64) for n in ("need_v", "need_offset", "need_q", "need_k", "need_weights")]
+
+
+def _layout_mismatch(reported: str) -> Optional[str]:
+    """Where the library's Problem (lu_problem_layout: "sizeof;name:offset:size:kind,...") and _Problem, its
+    hand copy, differ, or None: a drifted field would silently point the kernels at the wrong memory."""
+    size, fields = reported.split(";")
+    theirs = {n: (int(o), int(z), k) for n, o, z, k in (f.split(":") for f in fields.split(","))}
+    ours = {n: (getattr(_Problem, n).offset, ctypes.sizeof(t),
+                "p" if t is ctypes.c_void_p else "f" if t in (ctypes.c_float, ctypes.c_double) else "i")
+            for n, t in _Problem._fields_}
+
+    def where(f):
+        return "absent" if f is None else f"offset {f[0]} ({f[1]} bytes, {dict(i='int', f='float', p='pointer')[f[2]]})"
+
+    for n in dict.fromkeys([*ours, *theirs]):
+        if ours.get(n) != theirs.get(n):
+            return f"field {n}: {where(theirs.get(n))} in {SOURCE.name}'s Problem, {where(ours.get(n))} in _Problem"
+    if int(size) != ctypes.sizeof(_Problem):
+        return f"sizeof(Problem) {size}, ctypes.sizeof(_Problem) {ctypes.sizeof(_Problem)}"
+    return None
 
 
 def _build_dir() -> Path:
@@ -76,6 +96,9 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
+    lib.lu_problem_layout.restype = ctypes.c_char_p
+    if why := _layout_mismatch(lib.lu_problem_layout().decode()):
+        return None, f"{path.name} does not match kernels/cpu.py's _Problem: {why}"
     for name in ("lu_forward_f32", "lu_forward_f64", "lu_backward_f32", "lu_backward_f64"):
         getattr(lib, name).argtypes = [ctypes.POINTER(_Problem)]
         getattr(lib, name).restype = None

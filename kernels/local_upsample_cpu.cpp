@@ -9,8 +9,11 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,6 +35,24 @@ struct Problem {
   void *dv, *dk, *dq, *dlogit, *dw, *doffset;
   int64_t need_v, need_offset, need_q, need_k, need_weights;
 };
+
+// Problem's fields in order: lu_problem_layout reports each one's offset, size and kind, and
+// kernels/cpu.py refuses a library whose Problem differs from its ctypes copy (a drifted field would
+// otherwise read and write through the wrong pointers). The assert keeps this list complete.
+#define LU_PROBLEM_FIELDS(X)                                                                            \
+  X(B) X(C) X(H) X(W) X(Ho) X(Wo) X(G) X(NH) X(K) X(Dq) X(mode) X(align) X(exact) X(border) X(has_offset) \
+  X(has_rpb) X(n_threads) X(chunk_pixels) X(n_seg) X(n_qseg) X(unit_y) X(unit_x) X(scale) X(seg) X(qseg) \
+  X(y0) X(x0) X(base) X(v) X(offset) X(q) X(k) X(rpb) X(given) X(out) X(w) X(dout) X(dv) X(dk) X(dq)     \
+  X(dlogit) X(dw) X(doffset) X(need_v) X(need_offset) X(need_q) X(need_k) X(need_weights)
+#define LU_FIELD_SIZE(f) +sizeof(Problem::f)
+static_assert(0 LU_PROBLEM_FIELDS(LU_FIELD_SIZE) == sizeof(Problem), "a field of Problem is missing above");
+#undef LU_FIELD_SIZE
+
+template <class F>
+std::string field_layout(const char* name, size_t offset) {
+  const char kind = std::is_pointer_v<F> ? 'p' : std::is_floating_point_v<F> ? 'f' : 'i';
+  return std::string(name) + ":" + std::to_string(offset) + ":" + std::to_string(sizeof(F)) + ":" + kind + ",";
+}
 
 // Channel loops on 32-byte vectors (GCC/Clang vector extensions: the compiler's ISA, no intrinsics),
 // four of them in registers at a time; each lane sums in the pairs' order, so results do not depend on
@@ -727,6 +748,18 @@ void transpose_batched(const T* in, T* out, int64_t B, int64_t n, int64_t m, int
 }  // namespace
 
 extern "C" {
+// "sizeof;name:offset:size:kind,..." for Problem, kind i(nteger), f(loat) or p(ointer)
+const char* lu_problem_layout() {
+  static const std::string layout = [] {
+    std::string s = std::to_string(sizeof(Problem)) + ";";
+#define LU_FIELD(f) s += field_layout<decltype(Problem::f)>(#f, offsetof(Problem, f));
+    LU_PROBLEM_FIELDS(LU_FIELD)
+#undef LU_FIELD
+    s.pop_back();
+    return s;
+  }();
+  return layout.c_str();
+}
 void lu_layer_norm_f32(const float* x, const float* w, const float* b, float* out, int64_t N, int64_t C, int64_t HW,
                        double eps, int64_t n_threads) {
   layer_norm_channels(x, w, b, out, N, C, HW, eps, n_threads);

@@ -2,6 +2,7 @@
 reference (forward and gradients, float64), its dtypes and saved memory, the plain graph it exports,
 and ONNX export of the module run by onnxruntime at other sizes."""
 import copy
+import ctypes
 
 import pytest
 import torch
@@ -187,6 +188,53 @@ def test_native_build_says_why_not(monkeypatch, tmp_path):
             monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(tmp_path))
             for name, value in env.items():
                 monkeypatch.setenv(name, value)
+            assert why in cpu.unavailable()
+            t, size, kw = problem("s2,G=3,nh=2", "attention", fresh_seed())
+            assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12
+            monkeypatch.undo()
+    finally:
+        cpu._library.cache_clear()
+
+
+def test_native_layout_matches_ctypes():
+    """The library reports its Problem struct field by field, in the order, offsets and sizes of the ctypes
+    copy that fills it."""
+    if cpu.unavailable():
+        pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
+    size, fields = cpu._library()[0].lu_problem_layout().decode().split(";")
+    reported = [f.split(":")[:3] for f in fields.split(",")]
+    assert int(size) == ctypes.sizeof(cpu._Problem)
+    assert reported == [[n, str(getattr(cpu._Problem, n).offset), str(ctypes.sizeof(t))]
+                        for n, t in cpu._Problem._fields_]
+
+
+def test_native_layout_drift_is_refused(monkeypatch, tmp_path):
+    """A library whose Problem differs from kernels/cpu.py's _Problem (two fields swapped in the C++, or a
+    field added to the ctypes copy alone) is not called: unavailable() names the field, and the op runs the
+    gathers."""
+    if cpu.unavailable():
+        pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
+    source = cpu.SOURCE.read_text()
+    swapped = source.replace("double unit_y, unit_x, scale;", "double unit_x, unit_y, scale;")
+    assert swapped != source
+    (tmp_path / cpu.SOURCE.name).write_text(swapped)
+
+    class Extended(ctypes.Structure):
+        _fields_ = cpu._Problem._fields_ + [("extra", ctypes.c_double)]
+
+    # the swapped source builds in tmp_path; the extended copy loads the real library, already built
+    cases = ((tmp_path, "SOURCE", tmp_path / cpu.SOURCE.name,
+              "field unit_y: offset 168 (8 bytes, float) in local_upsample_cpu.cpp's Problem, "
+              "offset 160 (8 bytes, float) in _Problem"),
+             (None, "_Problem", Extended,
+              f"field extra: absent in local_upsample_cpu.cpp's Problem, offset {ctypes.sizeof(cpu._Problem)} "
+              "(8 bytes, float) in _Problem"))
+    try:
+        for build_dir, name, value, why in cases:
+            cpu._library.cache_clear()
+            if build_dir is not None:
+                monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(build_dir))
+            monkeypatch.setattr(cpu, name, value)
             assert why in cpu.unavailable()
             t, size, kw = problem("s2,G=3,nh=2", "attention", fresh_seed())
             assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12
