@@ -1,5 +1,5 @@
 """The Triton backend as torch.library custom ops (so torch.compile(fullgraph=True) traces through
-them) and the autograd Function that pairs forward and backward.
+them), with the forward's autograd formula calling the backward op.
 
 The fake implementations promise exactly the layouts the real ones return: the output and the
 saved weights contiguous, every gradient laid out like its input (torch.empty_like's rule)."""
@@ -33,7 +33,7 @@ def upsample_fwd_op(v: torch.Tensor, size: list[int], offset: Optional[torch.Ten
                     need_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
     spec = Spec(G, NH, K, weights, coords, padding, grid, scale)
     # the launcher stores the softmax weights (for the backward) only for softmax weight modes
-    kernel = "fwd-train" if need_attn and weights in ("attention", "logits") else "fwd"
+    kernel = "fwd-train" if _keeps_attn(weights, need_attn) else "fwd"
     cfg = _config(kernel, v, size, q, offset, rpb, spec)
     out, attn = upsample_fwd(v, size, spec, offset, q, k, rpb, wts, config=cfg, need_attn=need_attn)
     return out, (attn if attn is not None else v.new_empty(0))
@@ -42,8 +42,7 @@ def upsample_fwd_op(v: torch.Tensor, size: list[int], offset: Optional[torch.Ten
 @upsample_fwd_op.register_fake
 def _(v, size, offset, q, k, rpb, wts, G, NH, K, weights, coords, padding, grid, scale, need_attn):
     B, C = v.shape[:2]
-    keep = need_attn and weights in ("attention", "logits")
-    attn = v.new_empty(B, NH, K, *size, dtype=acc_dtype(v.dtype)) if keep else v.new_empty(0)
+    attn = v.new_empty(B, NH, K, *size, dtype=acc_dtype(v.dtype)) if _keeps_attn(weights, need_attn) else v.new_empty(0)
     return v.new_empty(B, C, *size), attn
 
 
@@ -66,25 +65,34 @@ def _(dout, v, size, offset, q, k, rpb, wts, attn, G, NH, K, weights, coords, pa
 refuse_double_backward("lda_aqu::upsample_bwd")
 
 
-class LocalUpsampleFunction(torch.autograd.Function):
+def _keeps_attn(weights: str, need_attn: bool) -> bool:
+    return need_attn and weights in ("attention", "logits")
+
+
+def _setup(ctx, inputs, output):
     """Saves the inputs and, for softmax weights, the [B, nh, K, Ho, Wo] weights; never the sampled
     copies of k and v."""
+    v, size, offset, q, k, rpb, wts, *spec, need_attn = inputs
+    spec, attn = Spec(*spec), output[1]
+    ctx.mark_non_differentiable(attn)
+    # decided from the arguments, not attn.numel(): under symbolic shapes that would guard on the sizes
+    keep = _keeps_attn(spec.weights, need_attn)
+    ctx.save_for_backward(v, offset, q, k, rpb, wts, attn if keep else None)
+    ctx.size, ctx.spec = size, spec
 
-    @staticmethod
-    def forward(ctx, v, offset, q, k, rpb, wts, size, spec: Spec, need_attn: bool):
-        out, attn = torch.ops.lda_aqu.upsample_fwd(v, size, offset, q, k, rpb, wts, *spec, need_attn)
-        ctx.save_for_backward(v, offset, q, k, rpb, wts, attn if attn.numel() else None)
-        ctx.size, ctx.spec = size, spec
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        v, offset, q, k, rpb, wts, attn = ctx.saved_tensors
-        grads = torch.ops.lda_aqu.upsample_bwd(dout, v, ctx.size, offset, q, k, rpb, wts, attn, *ctx.spec,
-                                               torch.are_deterministic_algorithms_enabled())
-        dv, doff, dq, dk, drpb, dwts = (g if t is not None else None
-                                        for g, t in zip(grads, (v, offset, q, k, rpb, wts)))
-        return dv, doff, dq, dk, drpb, dwts, None, None, None
+def _grad(ctx, dout, _dattn):
+    v, offset, q, k, rpb, wts, attn = ctx.saved_tensors
+    if attn is None and ctx.spec.weights in ("attention", "logits"):
+        raise RuntimeError("lda_aqu::upsample_fwd was called with need_attn=False, so it kept no softmax weights "
+                           "for the backward; pass need_attn=True when a backward may follow")
+    grads = torch.ops.lda_aqu.upsample_bwd(dout, v, ctx.size, offset, q, k, rpb, wts, attn, *ctx.spec,
+                                           torch.are_deterministic_algorithms_enabled())
+    dv, doff, dq, dk, drpb, dwts = (g if t is not None else None for g, t in zip(grads, (v, offset, q, k, rpb, wts)))
+    return (dv, None, doff, dq, dk, drpb, dwts) + (None,) * (len(Spec._fields) + 1)
+
+
+torch.library.register_autograd("lda_aqu::upsample_fwd", _grad, setup_context=_setup)
 
 
 def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
@@ -97,4 +105,4 @@ def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel
     spec = Spec(num_groups, num_heads, K, mode, coords, padding, kernel_size or 0, scale)
     need_attn = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (v, offset, q, k, rpb, wts))
-    return LocalUpsampleFunction.apply(v, offset, q, k, rpb, wts, list(size), spec, need_attn)
+    return torch.ops.lda_aqu.upsample_fwd(v, list(size), offset, q, k, rpb, wts, *spec, need_attn)[0]
