@@ -44,7 +44,7 @@ import torch
 
 GPU = torch.cuda.is_available()
 if not GPU:
-    # the memory rows trace the Triton backend's autograd Function on fake tensors (its fake kernels),
+    # the memory rows trace the Triton backend's autograd formula on fake tensors (its fake kernels),
     # and its backend check on CPU tensors needs the interpreter flag before lda-aqu is imported; no
     # kernel runs on the CPU here
     os.environ.setdefault("TRITON_INTERPRET", "1")
