@@ -106,7 +106,7 @@ if [ "$DRY" = 1 ]; then
     RESERVE=0
     stage table 30 "$PY" scripts/gpu_stages.py table --out "$RES"
 else
-    # most telling first: the issue-4 numbers need accuracy, bandwidth and the FPN P2 bench; the
+    # most telling first: the GPU goals need accuracy, bandwidth and the FPN P2 bench; the
     # sweep before the bench so it runs tuned configurations; the cold torch.compile baselines after
     # every Triton row. The compile checks (tests/test_gpu_compile.py) are the same on any machine:
     # CI runs them. The limits add up to BUDGET: 470 s of stages, the table's 10 s within RESERVE.

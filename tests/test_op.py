@@ -1,4 +1,4 @@
-"""The Triton kernels and the torch path compute the eager reference's output (SPEC.md steps 4-5)."""
+"""The Triton kernels and the torch path compute the eager reference's output (LDA-AQU's sampling and attention steps)."""
 import math
 
 import pytest
@@ -110,7 +110,7 @@ def test_groups_inferred_from_offset_and_rpb():
 
 
 def test_reference_matches_the_formula_at_one_pixel():
-    """The reference itself against SPEC.md written out for one output pixel in plain loops."""
+    """The reference itself against the op's formula written out for one output pixel in plain loops."""
     seed = fresh_seed()
     B, D, C, H, W, s, G, nh, k_u, _ = CASES["heads cross groups unevenly"]
     t, kw = make_problem(B, D, C, H, W, s, G, nh, k_u, seed=seed)

@@ -65,7 +65,7 @@ def official_forward(sd, x, *, scale_factor=2, n_groups=2, num_heads=1, k_u=3, k
 
 
 def official_state_dict(C, r=4, G=2, nh=1, k_u=3, k_e=3, rpb=True, seed=0):
-    """Random weights under the official keys and shapes (SPEC.md), offsets conv included."""
+    """Random weights under the official keys and shapes (duzw9311/LDA-AQU's module), offsets conv included."""
     g = torch.Generator().manual_seed(seed)
     D, K = C // r, k_u * k_u
 
