@@ -11,7 +11,9 @@ and the backward is the same pairs read the other way: gradients of v and k are 
 product (pairs stably sorted by input row, then embedding_bag over the sorted runs: deterministic,
 no atomics), and the offset gradient is the bilinear weights' derivatives times per-pair dots. No
 [K, C, Ho, Wo] sample ever exists; autograd keeps the inputs and the [B, nh, Ho*Wo, K] weights.
-The pairs are recomputed in backward from the offsets.
+The pairs are recomputed in backward from the offsets. Against the grid_sample graph below, which
+keeps K samples of the features for backward, this form keeps about 1% of its bytes, peaks at up to
+12x less memory in training and is as fast or faster where K > 1 (results/sparse-vs-grid-sample).
 
 Elsewhere (MPS, CUDA with backend="torch") and while exporting, the op is a plain graph of
 grid_sample calls, one neighbour at a time, that every exporter and device can take.
