@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 
 from upsampler import cpu_cache  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path (test_gpu_suite)
 import jit_semantics  # noqa: E402
 
 # interpreted launches take the compiled kernel's semantics (see jit_semantics.py)

@@ -2,7 +2,8 @@
 
 glibc hands every block over 32 MiB straight from the kernel (mmap) and gives it back on free, so each
 call on a large map pays a first-touch page fault every 4 KiB of each fresh tensor: about 2 us a page
-on "CPU (AMD EPYC), 2 cores", a third of the forward at 1024x1024 (BENCHMARKS.md). torch keeps no CPU
+on "CPU (AMD EPYC), 2 cores", about a quarter of the forward at 1024x1024 (BENCHMARKS.md, the cache off
+against on). torch keeps no CPU
 cache of its own. This one is the library's, not the process's (GLIBC_TUNABLES or mallopt would change
 every allocation in the process):
 
