@@ -38,7 +38,8 @@ BACKENDS = ["triton", "torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case,dtype", slow_except(PAIRS, ("default", torch.float64), ("default", torch.float32)), ids=[f"{c}-{d}" for c, d in PAIRS])
+@pytest.mark.parametrize("case,dtype", slow_except(PAIRS, ("default", torch.float64), ("default", torch.float32)),
+                         ids=[f"{c}-{d}" for c, d in PAIRS])
 def test_backward_matches_reference(case, dtype, backend):
     seed = fresh_seed()
     t, kw = make_problem(*CASES[case], dtype=dtype, seed=seed, rpb=seed % 3 != 0)
