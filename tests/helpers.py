@@ -1,6 +1,7 @@
 """Random problems for the core op, and the error measure the tests use."""
 import os
 
+import pytest
 import torch
 
 # where the tests' tensors live: the GPU when the kernels are compiled for it, else the interpreter's CPU
@@ -77,6 +78,13 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def backends_under_test() -> tuple:
     """The backends the upsampler tests run: $LDA_AQU_TEST_BACKENDS (comma-separated), else Triton and torch."""
     return tuple(os.environ.get("LDA_AQU_TEST_BACKENDS", "triton,torch").split(","))
+
+
+def slow_except(values, *fast) -> list:
+    """Parametrize `values` with all but those in `fast` marked slow: the fast tier (-m "not slow") keeps
+    the cheap cases of a family, the full suite runs them all. A tuple is one case's arguments."""
+    return [v if v in fast else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for v in values]
 
 
 def assert_matches_with_grads(got, ref, inputs: dict, seed: int, tol: float = 1e-10):

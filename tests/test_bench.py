@@ -226,6 +226,7 @@ def test_plotting_refuses_what_is_not_a_bench_csv(tmp_path):
 
 
 @CPU_ONLY
+@pytest.mark.slow
 def test_one_point_end_to_end(tmp_path):
     """The issue's command: LDAAQU rows for exactly the point asked for, and the against-scale plot."""
     r = subprocess.run([sys.executable, "bench.py", "--quick", "--kernel-sizes", "5", "--scales", "3", "--shape", "1",
@@ -254,6 +255,7 @@ def test_one_point_end_to_end(tmp_path):
 
 
 @CPU_ONLY
+@pytest.mark.slow
 def test_a_run_killed_mid_way_keeps_the_rows_it_measured(tmp_path):
     """scripts/gpu.sh ends a stage past its limit with SIGTERM (timeout): every row measured before
     it is in the CSV, whole, under its header."""

@@ -117,6 +117,7 @@ def test_nuclei_fetch_without_index_names_the_command(tmp_path, monkeypatch):
     assert str(tmp_path / "cache") in str(e.value)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_sane_results(tmp_path):
     cols = compare.columns(compare.Outlines)
     with open(tmp_path / "compare.csv", "w", newline="") as f:  # another device's rows survive a rerun
@@ -152,6 +153,7 @@ def test_quick_run_writes_sane_results(tmp_path):
     assert "Paired difference against nearest" in table and "1 degrees of freedom" in table
 
 
+@pytest.mark.slow
 def test_nuclei_quick_run(tmp_path):
     """The CI smoke run of the real-image task (fetches the data into the user cache once)."""
     r = subprocess.run([sys.executable, "compare.py", "--task", "nuclei", "--quick", "--out", str(tmp_path)],
@@ -167,6 +169,7 @@ def test_nuclei_quick_run(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["outlines", "nuclei"])
 def test_guided_upsamplers_train_in_the_comparison(task):
     """SAPA and FADE in compare.py's model, guided by the encoder's laterals: a few steps of each task's quick

@@ -3,11 +3,14 @@ cross-rank BatchNorm), end where one process on the whole batches ends, in float
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import compare
+
+pytestmark = pytest.mark.slow  # two ranks training in subprocesses
 
 ARGV = ["--quick", "--steps", "4", "--batch", "4", "--size", "32"]
 

@@ -47,6 +47,7 @@ def forward_backward(f, m, x, dout):
     return {"out": out.detach(), "x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("build", [lda_aqu, carafe, dysample], ids=lambda f: f.__name__)
 def test_compiled_module_matches_eager(build, backend):

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.slow  # two ranks training in subprocesses
+
 STEPS, BATCH = 3, 4
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err, seeded_randn
+from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err, seeded_randn, slow_except
 from upsampler import DySample, local_upsample
 from upsampler.plain import dysample_forward, dysample_init_pos, dysample_offset
 
@@ -45,7 +45,7 @@ def sample_at(x, off, groups, size):
     return out.view(B, C, *size)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", slow_except(list(CONFIGS), "lp,s=2,G=4"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_definition_forward_and_backward(backend, name):
     seed = fresh_seed()

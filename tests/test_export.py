@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from helpers import fresh_seed, seeded_randn
+from helpers import fresh_seed, seeded_randn, slow_except
 from upsampler import CARAFE, FPN, LDAAQU, DySample
 from upsampler.fpn import GUIDED, UPSAMPLERS
 
@@ -34,7 +34,7 @@ def _free(*names):
 CASES = [("lda_aqu", (2, 20, 24)), ("lda_aqu", (3, 5, 3)), ("carafe", (2, 5, 3)), ("dysample", (3, 20, 24))]
 
 
-@pytest.mark.parametrize("name,example", CASES, ids=[f"{n}-{e}" for n, e in CASES])
+@pytest.mark.parametrize("name,example", slow_except(CASES, ("carafe", (2, 5, 3))), ids=[f"{n}-{e}" for n, e in CASES])
 def test_export_with_free_sizes_runs_everywhere(name, example):
     """Guards compare only what must be compared: before, min() over the sizes tied H and W to the hidden
     width (LDAAQU(256) from a 20x24 example took H <= 63 only) and B to the channel count."""
@@ -51,6 +51,7 @@ def test_export_with_free_sizes_runs_everywhere(name, example):
         assert (got - expect).abs().max() < 1e-12, f"{name} at {(B, H, W)}, seed={seed}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("upsampler", [u for u in UPSAMPLERS if u not in GUIDED])  # odd sizes
 def test_fpn_export_with_free_level_sizes(upsampler):
     """Every level its own free height and width (the top-down path upsamples onto the level below's
@@ -69,6 +70,7 @@ def test_fpn_export_with_free_level_sizes(upsampler):
             assert a.shape == e.shape and (a - e).abs().max() < 1e-12, f"{upsampler} at {B, h0, w0, h1, w1}"
 
 
+@pytest.mark.slow
 def test_aoti_package_runs_at_a_new_size(tmp_path):
     """The CPU deployment route: torch.export, then AOTInductor's C++ package, loaded and run at sizes
     the example did not have. One small module: packaging compiles C++ (about a minute on 2 cores)."""

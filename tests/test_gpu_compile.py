@@ -73,6 +73,7 @@ def show(r):
             f"{r.spill_bytes} B, stack {r.stack_bytes} B{', ' + r.error if r.error else ''}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", JOBS, ids=name)
 def test_default_configs_compile_without_spills(job, reports):
     found = reports[job]
@@ -86,6 +87,7 @@ def test_default_configs_compile_without_spills(job, reports):
         assert not spilled, spilled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", EXTRA, ids=name)
 def test_float64_and_int64_paths_compile(job, reports):
     for r in reports[job]:
@@ -95,6 +97,7 @@ def test_float64_and_int64_paths_compile(job, reports):
         assert {r.spec for r in reports[job]}.isdisjoint(r.spec for r in reports[narrow])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", OP, ids=name)
 def test_launcher_driver_launches_what_the_op_launches(job, reports):
     """autotune.resources.drive_launchers (what tuning and these tests compile) specialises each
@@ -102,6 +105,7 @@ def test_launcher_driver_launches_what_the_op_launches(job, reports):
     assert [r.spec for r in reports[job._replace(via_op=False)]] == [r.spec for r in reports[job]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", OP, ids=name)
 def test_compiled_efficiency_at_fpn_p2(job, reports):
     """What the GPU runs for every kernel the op launches at FPN P2: no fences and no returning
@@ -111,6 +115,7 @@ def test_compiled_efficiency_at_fpn_p2(job, reports):
     assert not bad, "; ".join(bad)
 
 
+@pytest.mark.slow
 def test_inspect_prints_every_launch(reports):
     """`python -m autotune inspect` (through the public op) shows the launches and figures of the
     default configurations at FPN P2; the module's compiles above leave Triton's cache warm."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, seeded_randn
+from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, seeded_randn, slow_except
 from upsampler import FADE, FPN_UPSAMPLE, SAPA, SAPADeform
 from upsampler.plain import conv as _conv
 from upsampler.plain import fade_forward, sapa_forward, sapadeform_forward
@@ -89,7 +89,11 @@ def _cases():
                 yield name, backend, size
 
 
-@pytest.mark.parametrize("name,backend,size", list(_cases()))
+# the fast tier: every case on the torch path and each default module through Triton, on one map
+FAST = [(name, backend, "wide") for name in CASES for backend in ("torch", "triton")]
+
+
+@pytest.mark.parametrize("name,backend,size", slow_except(list(_cases()), *FAST))
 def test_matches_official_forward_and_backward(name, backend, size):
     seed = fresh_seed()
     kind, C, kw, ref_kw = CASES[name]
@@ -161,6 +165,7 @@ def _randomised(kind, seed, C=8):
 
 
 # FADE's op mode (logits over a window) exports with CARAFE, its gate is plain torch: two modules keep this cheap
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sapa", "sapadeform"])
 def test_torch_export_with_free_sizes(kind):
     """The guide's height and width are 2h and 2w of a free h and w, the batch free."""
@@ -179,6 +184,7 @@ def test_torch_export_with_free_sizes(kind):
         assert (got - expect).abs().max() < 1e-12, f"{kind} at {(B, H, W)}, seed={seed}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sapadeform"])  # the op's modes of the others export with LDAAQU and CARAFE
 def test_onnx_export_runs_at_other_sizes(kind, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -199,6 +205,7 @@ def test_onnx_export_runs_at_other_sizes(kind, tmp_path):
         assert got.shape == expect.shape and (got - expect).abs().max() < 1e-4, f"{kind} {(B, H, W)}, seed={seed}"
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager():
     """torch.compile(fullgraph=True, dynamic=True), the Inductor default: SAPADeform (offsets, q/k, groups) at
     two sizes, the output and every gradient as eager (float64)."""
@@ -244,7 +251,7 @@ NECK_CFGS = {"sapa": (dict(type="sapa", guided=True, up_kernel_size=3), dict(up_
              "fade": (dict(type="fade", guided=True, gating=True, up_kernel_size=3), dict(up_kernel_size=3))}
 
 
-@pytest.mark.parametrize("kind", list(NECK_CFGS))
+@pytest.mark.parametrize("kind", slow_except(list(NECK_CFGS), "sapa"))
 def test_fpn_upsample_guided_matches_official(kind):
     """Each step guided by the lower level's own lateral before it receives the sum; non-square levels,
     an extra max-pooled level. 32 channels: SAPA's GroupNorm(32) as the official builds it."""

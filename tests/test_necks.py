@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import backends_under_test, fresh_seed, rel_err, seeded_randn
+from helpers import backends_under_test, fresh_seed, rel_err, seeded_randn, slow_except
 from upsampler import FPN_LAU, FPN_UPSAMPLE, DySample, neck_state_dict
 from upsampler.official import official_forward, official_state_dict
 from upsampler.plain import carafe_forward, dysample_forward, dysample_init_pos
@@ -344,7 +344,13 @@ def pyramid_for(image, backend, seed):
     return pyramid(IMAGES[image], 4, seed)
 
 
-@pytest.mark.parametrize("kind,backend,image", list(cases(LAU_UPSAMPLERS, ["padded", "odd"])))
+LAU_CASES = list(cases(LAU_UPSAMPLERS, ["padded", "odd"]))
+# the fast tier: the odd image of each kind on the torch path (or the kind's one case), LDA-AQU through Triton
+LAU_FAST = [c for c in LAU_CASES if c[2] == "odd"
+            and (c[1] == "torch" or c[0] not in ON_THE_OP or c[:2] == ("lda_aqu", "triton"))]
+
+
+@pytest.mark.parametrize("kind,backend,image", slow_except(LAU_CASES, *LAU_FAST))
 def test_fpn_lau_matches_official(kind, backend, image):
     """The released config at small widths: P2-P5 laterals, P6 from a stride-2 conv of C5, four
     upsamplers; odd sizes crop each upsampled map to its lateral."""
@@ -378,7 +384,13 @@ UPSAMPLE_UPSAMPLERS = {
 }
 
 
-@pytest.mark.parametrize("kind,backend,image", list(cases(UPSAMPLE_UPSAMPLERS, ["padded"])))
+UPSAMPLE_CASES = list(cases(UPSAMPLE_UPSAMPLERS, ["padded"]))
+# the fast tier: each kind on the torch path (or the kind's one case), DySample through Triton
+UPSAMPLE_FAST = [c for c in UPSAMPLE_CASES
+                 if c[1] == "torch" or c[0] not in ON_THE_OP or c[:2] == ("dysample", "triton")]
+
+
+@pytest.mark.parametrize("kind,backend,image", slow_except(UPSAMPLE_CASES, *UPSAMPLE_FAST))
 def test_fpn_upsample_matches_official(kind, backend, image):
     seed = fresh_seed()
     cfg = dict(in_channels=IN_CHANNELS, out_channels=16, num_outs=5, upsample_cfg=UPSAMPLE_UPSAMPLERS[kind])

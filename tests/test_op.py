@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import fresh_seed, make_problem, rel_err, upcast
+from helpers import fresh_seed, make_problem, rel_err, slow_except, upcast
 from upsampler import deformable_local_attention, deformable_local_attention_ref
 
 # (B, D, C, H, W, scale, G, nh, k_u, spread): every k_u, G, nh and scale of the issue, odd sizes
@@ -31,8 +31,8 @@ BACKENDS = ["triton", "torch"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", slow_except(list(TOL), torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("case", slow_except(list(CASES), "default"))
 def test_forward_matches_reference(case, dtype, backend):
     seed = fresh_seed()
     t, kw = make_problem(*CASES[case], dtype=dtype, seed=seed, rpb=seed % 2 == 0)

@@ -298,6 +298,7 @@ def test_every_backend_takes_the_plain_graph_while_exporting(backend, monkeypatc
     assert select_backend(backend, v) == "torch"
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_at_other_sizes(tmp_path):
     """The ordinary torch.onnx.export call; onnxruntime at the export size and two others, batch
     included, output size included (scale 1.5: int(H * s) must stay symbolic). The example batch is
@@ -328,6 +329,7 @@ def test_onnx_export_runs_at_other_sizes(tmp_path):
         assert (y - expect).abs().max() < 1e-3, f"{shape}, seed={seed}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["carafe", "dysample"])
 def test_onnx_export_of_the_other_upsamplers(name, tmp_path):
     """CARAFE (a window, no offsets) and DySample (one sample per pixel) export the same way and run
