@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .functional import (FLOAT_DTYPES, _check_extent, autocasting, check_backend, deformable_local_attention,
-                         empty_output, not_scriptable, refuse_jit)
+from .functional import (FLOAT_DTYPES, _check_extent, autocast_available, autocasting, check_backend,
+                         deformable_local_attention, empty_output, not_scriptable, refuse_jit)
 from kernels import cpu as _cpu
 
 from . import cpu_cache
@@ -200,7 +200,7 @@ class _Recomputed(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         dev, dtype, Ho = ctx.device, ctx.autocast_dtype, q.shape[2]
         # the forward's autocast state again (devices without autocast, e.g. meta, have none to set)
-        cast = torch.autocast(dev, dtype, enabled=dtype is not None) if torch.amp.is_autocast_available(dev) \
+        cast = torch.autocast(dev, dtype, enabled=dtype is not None) if autocast_available(dev) \
             else contextlib.nullcontext()
         ps = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
         dq, dps = None, [None] * len(ps)
