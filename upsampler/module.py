@@ -167,7 +167,8 @@ def _tent_transposed(g: torch.Tensor, n_in: int, dim: int) -> torch.Tensor:
     tap weight max(0, 1 - |o * ratio - i|) times g[o] over the M outputs o from the first that can reach
     it, M = 2 (n_out - 1) // (n_in - 1) + 3 (integer size arithmetic: no guard under dynamic shapes)."""
     n_out = g.shape[dim]
-    span = torch.sym_max(n_in - 1, 1)
+    # Dynamo before torch 2.13 refuses sym_max of plain ints (a static compile's sizes)
+    span = torch.sym_max(n_in - 1, 1) if isinstance(n_in, torch.SymInt) else max(n_in - 1, 1)
     i = torch.arange(n_in, device=g.device)
     o = (((i - 1) * (n_out - 1)).div(span, rounding_mode="floor").clamp(min=0)[:, None]
          + torch.arange(2 * (n_out - 1) // span + 3, device=g.device))  # [n_in, M]
