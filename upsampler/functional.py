@@ -28,9 +28,16 @@ def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:
     return None
 
 
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    # fixed per device type, so the compilers may call it while tracing and keep the answer: Dynamo
+    # before torch 2.13 cannot trace torch.amp.is_autocast_available itself
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocasting(device_type: str) -> bool:
     # is_autocast_enabled raises for devices without autocast (meta: shape inference, model summaries)
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_backend(backend: str) -> str:

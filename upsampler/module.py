@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .functional import (FLOAT_DTYPES, _check_extent, autocasting, check_backend, deformable_local_attention,
-                         empty_output, not_scriptable, refuse_jit)
+from .functional import (FLOAT_DTYPES, _check_extent, autocast_available, autocasting, check_backend,
+                         deformable_local_attention, empty_output, not_scriptable, refuse_jit)
 from kernels import cpu as _cpu
 
 from . import cpu_cache
@@ -167,7 +167,8 @@ def _tent_transposed(g: torch.Tensor, n_in: int, dim: int) -> torch.Tensor:
     tap weight max(0, 1 - |o * ratio - i|) times g[o] over the M outputs o from the first that can reach
     it, M = 2 (n_out - 1) // (n_in - 1) + 3 (integer size arithmetic: no guard under dynamic shapes)."""
     n_out = g.shape[dim]
-    span = torch.sym_max(n_in - 1, 1)
+    # Dynamo before torch 2.13 refuses sym_max of plain ints (a static compile's sizes)
+    span = torch.sym_max(n_in - 1, 1) if isinstance(n_in, torch.SymInt) else max(n_in - 1, 1)
     i = torch.arange(n_in, device=g.device)
     o = (((i - 1) * (n_out - 1)).div(span, rounding_mode="floor").clamp(min=0)[:, None]
          + torch.arange(2 * (n_out - 1) // span + 3, device=g.device))  # [n_in, M]
@@ -200,7 +201,7 @@ class _Recomputed(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         dev, dtype, Ho = ctx.device, ctx.autocast_dtype, q.shape[2]
         # the forward's autocast state again (devices without autocast, e.g. meta, have none to set)
-        cast = torch.autocast(dev, dtype, enabled=dtype is not None) if torch.amp.is_autocast_available(dev) \
+        cast = torch.autocast(dev, dtype, enabled=dtype is not None) if autocast_available(dev) \
             else contextlib.nullcontext()
         ps = [p.detach().requires_grad_(n) for p, n in zip(params, needs[1:])]
         dq, dps = None, [None] * len(ps)

@@ -40,6 +40,19 @@ def is_exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
+# torch before 2.13 strides a view that merges symbolic sizes a and b*a Min(a, b*a); ops that order
+# dimensions by stride (elementwise ops, grid_sample) on it then guard that a free size is not 1, and
+# the exported program refuses a height or width of 1
+_MIN_STRIDES = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13)
+
+
+def _reshaped(t: Tensor, *shape) -> Tensor:
+    """t.reshape(*shape); while exporting under torch before 2.13, a copy with plain strides (a compiler
+    fuses it)."""
+    t = t.reshape(*shape)
+    return t.clone(memory_format=torch.contiguous_format) if _MIN_STRIDES and is_exporting() else t
+
+
 PAD = 2  # zero border of the tables: a corner of any clipped cell [-2, H] x [-2, W] reads a real row
 # pairs per chunk of output rows: every per-pair intermediate of a chunk stays cache-sized, so the cost
 # per output pixel does not grow with the map (tests shrink it to cross chunk edges on tiny maps)
@@ -447,7 +460,7 @@ def one_sample(v, size, o, padding, gain=1.0):
         grid = torch.stack([xs / Wo - 1 + o[..., 0] * (2 * gain) / W,
                             ys.view(Ho, 1) / Ho - 1 + o[..., 1] * (2 * gain) / H], -1)
         nan_possible = padding == "border"
-    grid = grid.reshape(B * G, Ho, Wo, 2)
+    grid = _reshaped(grid, B * G, Ho, Wo, 2)
     out = F.grid_sample(v.reshape(B * G, C // G, H, W), grid, padding_mode=padding, align_corners=False)
     if nan_possible:
         out = out.masked_fill(grid.isnan().any(-1)[:, None], float("nan"))  # see _plain
@@ -488,7 +501,7 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
         # output pass runs only when an offset is NaN (its sum is: one reduction; inf - inf a false alarm)
         if nan_possible:
             s = s.masked_fill(g.isnan().any(-1)[:, None], float("nan"))
-        return s.reshape(-1, nh, x.shape[1] // nh, Ho, Wo)
+        return _reshaped(s, -1, nh, x.shape[1] // nh, Ho, Wo)
 
     if q is not None:
         qh = q.reshape(-1, nh, q.shape[1] // nh, Ho, Wo) * scale
