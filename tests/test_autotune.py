@@ -137,6 +137,7 @@ def run_cli(*args, env):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_sweep_show_clear(fresh_cache):
     env = dict(os.environ, TRITON_INTERPRET="1", **{cache.ENV: str(fresh_cache)})
     # the interpreter's sweep, GPU or not

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_gpu_sh_dry_run(tmp_path):
     res, pack = tmp_path / "res", tmp_path / "pack"
     r = subprocess.run(["bash", "scripts/gpu.sh", "--dry-run", "--out", str(res), "--pack", str(pack)], cwd=ROOT,

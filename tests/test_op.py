@@ -93,6 +93,7 @@ def test_nan_propagates_and_far_offsets_read_zeros(backend):
     assert run(t, kw, backend).abs().max() == 0
 
 
+@pytest.mark.slow
 def test_default_scale_is_head_width():
     seed = fresh_seed()
     t, kw = make_problem(*CASES["k_u=7,G=2,nh=4"], seed=seed)

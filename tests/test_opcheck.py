@@ -85,7 +85,7 @@ def _opcheck(calls):
         assert not failed, f"{func}: {failed}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name, backend", PARAMS)
 def test_opcheck_training_calls(name, backend, dtype):
     calls = _record(name, backend, dtype)
@@ -107,6 +107,7 @@ def test_opcheck_inference_calls(name):
     _opcheck(calls)
 
 
+@pytest.mark.slow
 def test_opcheck_deterministic_backward():
     torch.use_deterministic_algorithms(True)
     try:
