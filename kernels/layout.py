@@ -35,3 +35,34 @@ def neighbours(offset, rpb, logits, weights, kernel_size, G: int) -> int:
     if shape[2] is not None:
         return shape[2][1] // (2 * G)
     return kernel_size * kernel_size if kernel_size else 1
+
+
+# Sample geometry of the runtime paths (the torch path, the module's q upsampling). The eager reference
+# (upsampler/naive.py) derives its own, so that a slip here fails the tests instead of passing both.
+
+def unit_align_corners(n_in, n_out):
+    """Input pixels per output pixel under align_corners=True; 0 for a one-pixel output."""
+    if isinstance(n_out, int):
+        return 0.0 if n_out == 1 else (n_in - 1) / (n_out - 1)
+    # a symbolic size (export): min/max instead of a branch, whose guard n_out > 1 would bind the size
+    return (n_in - 1) * torch.sym_min(n_out - 1, 1) / torch.sym_max(n_out - 1, 1)
+
+
+def sample_origins(n_in: int, n_out: int, coords: str, dtype, device) -> tuple[torch.Tensor, float]:
+    """Each output row's (or column's) position in input pixels before its offset, and the input pixels
+    one offset unit spans (offsets are in output pixels under align_corners, input pixels otherwise)."""
+    o = torch.arange(n_out, device=device)
+    if coords == "half_pixel":
+        return (o.to(dtype) + 0.5) * (n_in / n_out) - 0.5, 1.0
+    if coords == "nearest":  # F.interpolate(mode="nearest"): a float32 ratio, floored, kept on the map
+        src = o.float() * (torch.tensor(n_in, dtype=torch.float32) / n_out)
+        return src.floor().clamp(max=n_in - 1).to(dtype), 1.0
+    return o.to(dtype), unit_align_corners(n_in, n_out)
+
+
+def window_offsets(kernel_size, dtype, device=None) -> torch.Tensor:
+    """[K, 2]: (dy, dx) = (i - k//2, j - k//2) of neighbour n = i*k + j of a k x k window; [[0, 0]] for none."""
+    if kernel_size is None:
+        return torch.zeros(1, 2, dtype=dtype, device=device)
+    n = torch.arange(kernel_size * kernel_size, device=device)
+    return torch.stack((n // kernel_size, n % kernel_size), -1).to(dtype) - kernel_size // 2

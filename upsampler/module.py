@@ -16,11 +16,11 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .functional import (FLOAT_DTYPES, _check_extent, autocast_available, autocasting, check_backend,
                          deformable_local_attention, empty_output, not_scriptable, refuse_jit)
 from kernels import cpu as _cpu
+from kernels.layout import unit_align_corners
 
 from . import cpu_cache
 
 from .torch_path import _traced, is_exporting, refuse_double_backward
-from .naive import align_corners_ratio
 
 
 class LayerNormProxy(nn.Module):
@@ -172,7 +172,7 @@ def _tent_transposed(g: torch.Tensor, n_in: int, dim: int) -> torch.Tensor:
     i = torch.arange(n_in, device=g.device)
     o = (((i - 1) * (n_out - 1)).div(span, rounding_mode="floor").clamp(min=0)[:, None]
          + torch.arange(2 * (n_out - 1) // span + 3, device=g.device))  # [n_in, M]
-    w = (1 - (o.to(g.dtype) * align_corners_ratio(n_in, n_out) - i[:, None]).abs()).clamp(min=0) * (o < n_out)
+    w = (1 - (o.to(g.dtype) * unit_align_corners(n_in, n_out) - i[:, None]).abs()).clamp(min=0) * (o < n_out)
     o = o.clamp(max=n_out - 1)
     if dim == -1:
         return (g[..., o] * w).sum(-1)

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu as _cpu
-from kernels.layout import acc_dtype as _acc, neighbours as _neighbours, segments as _segments
+from kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, sample_origins, segments as _segments,
+                            window_offsets)
 
 from . import cpu_cache
-from .naive import base_grid, output_grid
 
 Tensor = torch.Tensor
 
@@ -97,10 +97,10 @@ class _Pairs:
         Ho, Wo = size
         Wp = W + 2 * PAD
         self.n, self.K, self.rows = (r1 - r0) * Wo, K, (H + 2 * PAD) * Wp
-        # positions [G, R, Wo, K, (y, x)] in input pixels, as naive.positions computes them
-        (y0, uy), (x0, ux) = output_grid(H, Ho, coords, acc, device), output_grid(W, Wo, coords, acc, device)
+        # positions [G, R, Wo, K, (y, x)] in input pixels
+        (y0, uy), (x0, ux) = sample_origins(H, Ho, coords, acc, device), sample_origins(W, Wo, coords, acc, device)
         grid = torch.stack(torch.broadcast_tensors(y0[r0:r1].view(-1, 1), x0.view(1, Wo)), -1).unsqueeze(-2)
-        grid = grid + base_grid(kernel_size, acc, device)
+        grid = grid + window_offsets(kernel_size, acc, device)
         if offset is None:
             pos = grid.expand(G, *grid.shape).clone()
         else:
@@ -205,10 +205,10 @@ def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, c
 @functools.lru_cache(maxsize=256)
 def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, acc):
     # per call this would be a dozen small tensor ops: as much as the kernel itself on a 16x16 map
-    (y0, uy), (x0, ux) = output_grid(H, Ho, coords, acc, "cpu"), output_grid(W, Wo, coords, acc, "cpu")
+    (y0, uy), (x0, ux) = sample_origins(H, Ho, coords, acc, "cpu"), sample_origins(W, Wo, coords, acc, "cpu")
     segs, qsegs = _segments(C, G, nh), _segments(Dq, G, nh) if Dq else []
     return dict(mode=mode, G=G, nh=nh, K=K, segs=segs, qsegs=qsegs, origins=(y0, x0),
-                base=base_grid(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)))
+                base=window_offsets(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)))
 
 
 def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, keep=True):
@@ -476,8 +476,8 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     if K == 1 and coords == "half_pixel" and offset is not None and q is None and logits is None and weights is None:
         return one_sample(v, size, offset.view(-1, G, 2, Ho, Wo).flip(2).permute(0, 1, 3, 4, 2), padding)
-    (y0, uy), (x0, ux) = output_grid(H, Ho, coords, v.dtype, v.device), output_grid(W, Wo, coords, v.dtype, v.device)
-    d = base_grid(kernel_size, v.dtype, v.device).view(1, 1, -1, 2, 1, 1)
+    (y0, uy), (x0, ux) = (sample_origins(n, m, coords, v.dtype, v.device) for n, m in ((H, Ho), (W, Wo)))
+    d = window_offsets(kernel_size, v.dtype, v.device).view(1, 1, -1, 2, 1, 1)
     if offset is not None:
         d = offset.reshape(-1, G, K, 2, Ho, Wo) + d
     iy, ix = torch.broadcast_tensors(y0.view(Ho, 1) + d[:, :, :, 0], x0.view(1, Wo) + d[:, :, :, 1])
