@@ -42,24 +42,69 @@ def make_problem(B, D, C, H, W, scale, G, nh, k_u, spread=3.0, rpb=True, dtype=t
     return t, dict(num_heads=nh, num_groups=G)
 
 
-def off_pixel_edges(offset: torch.Tensor, H: int, W: int, margin: float = 1e-3) -> torch.Tensor:
-    """LDA-AQU offsets [B, G*2K, Ho, Wo] (y, x per neighbour, output pixels) moved so that every
-    sample lands at least `margin` input pixels off the integer positions. The bilinear derivative
-    jumps there, and an fp32 position within rounding of one takes it on the other side than the
-    float64 reference does: the d(offset) of that sample changes by O(1) (a 4e-3 relative error in
-    the whole tensor, seen), whatever the kernel. The kink itself is tested exactly, in float64."""
+def off_pixel_edges(offset: torch.Tensor, H: int, W: int, margin: float = 1e-3,
+                    coords: str = "align_corners") -> torch.Tensor:
+    """Offsets [B, G*2K, Ho, Wo] (y, x per neighbour, in `coords`' units) moved so that every sample
+    lands at least `margin` input pixels off the integer positions. The bilinear derivative jumps
+    there, and an fp32 position within rounding of one takes it on the other side than the float64
+    reference does: the d(offset) of that sample changes by O(1) (a 4e-3 relative error in the whole
+    tensor, seen), whatever the kernel. The kink itself is tested exactly, in float64."""
     B, _, Ho, Wo = offset.shape
     o = offset.double().clone().view(B, -1, 2, Ho, Wo)
     for axis, n, n_out in ((0, H, Ho), (1, W, Wo)):
-        if n_out < 2 or n < 2:  # every sample at position 0 in fp32 and float64 alike
-            continue
-        ratio = (n - 1) / (n_out - 1)
         idx = torch.arange(n_out, dtype=torch.float64)
-        pos = ((idx.view(-1, 1) if axis == 0 else idx.view(1, -1)) + o[:, :, axis]) * ratio
+        if coords == "align_corners":
+            if n_out < 2 or n < 2:  # every sample at position 0 in fp32 and float64 alike
+                continue
+            origin, unit = idx, (n - 1) / (n_out - 1)
+        elif coords == "half_pixel":
+            origin, unit = (idx + 0.5) * (n / n_out) - 0.5, 1.0
+        else:
+            origin, unit = (idx * (n / n_out)).floor(), 1.0
+        origin = origin.view(-1, 1) if axis == 0 else origin.view(1, -1)
+        pos = ((origin + o[:, :, axis]) * unit) if coords == "align_corners" else origin + o[:, :, axis]
         frac = pos - pos.round()
-        step = torch.where(frac >= 0, 2 * margin, -2 * margin) / ratio
+        step = torch.where(frac >= 0, 2 * margin, -2 * margin) / unit
         o[:, :, axis] += torch.where(frac.abs() < margin, step, 0.0)
     return o.view(B, -1, Ho, Wo).to(offset.dtype)
+
+
+def mode_problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dtype=torch.float64,
+                 dims=(2, 8, 8, 5, 7, 10, 13), spread=2.0, margin=0.0):
+    """Inputs of `local_upsample` for one row of the weight mode x coords x padding table: (tensors,
+    keyword arguments, output size). dims = (B, C, D, H, W, Ho, Wo); offsets N(0, spread), kept
+    `margin` off the pixel edges (off_pixel_edges) when positive."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, D, H, W, Ho, Wo = dims
+
+    def randn(*shape, s=1.0):
+        return (seeded_randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+    t = {"v": randn(B, C, H, W)}
+    if offsets:
+        t["offset"] = randn(B, G * 2 * K, Ho, Wo, s=spread)
+        if margin > 0:
+            t["offset"] = off_pixel_edges(t["offset"], H, W, margin, coords)
+    if mode == "attention":
+        t.update(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W), rpb=randn(nh, K, D // nh, s=0.5))
+    elif mode in ("logits", "weights"):
+        t[mode] = randn(B, nh, K, Ho, Wo)
+    kw = dict(coords=coords, padding=padding, kernel_size=kernel_size, num_heads=nh,
+              num_groups=G if offsets else None)
+    return t, kw, (Ho, Wo)
+
+
+def run_op(t, kw, size, backend, dout, deterministic=False):
+    """local_upsample(**t, **kw) on fresh leaves and its backward from dout: (output, {name: gradient})."""
+    from upsampler import local_upsample
+    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in t.items()}
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out = local_upsample(leaves["v"], size, backend=backend, **{n: x for n, x in leaves.items() if n != "v"}, **kw)
+        out.backward(dout.to(out.dtype))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(x.grad is not None for x in leaves.values()), "an input got no gradient"
+    return out.detach(), {n: x.grad for n, x in leaves.items()}
 
 
 def upcast(t: dict) -> dict:

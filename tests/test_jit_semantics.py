@@ -8,10 +8,9 @@ import triton
 import triton.language as tl
 
 import jit_semantics
-from helpers import fresh_seed, rel_err, seeded_randn
+from helpers import fresh_seed, mode_problem, rel_err, run_op, seeded_randn
 from jit_semantics import JitSemanticsError
 from kernels.launchers import split_float
-from upsampler import local_upsample
 
 pytestmark = pytest.mark.skipif(not jit_semantics.enabled() or torch.cuda.is_available(),
                                 reason="the harness patches the interpreter (LDA_AQU_JIT_SEMANTICS=0 turns it off)")
@@ -132,58 +131,21 @@ def test_fp32_division_and_exp_are_approximate_and_div_rn_exact():
     assert rel_err(e, a.double().exp()) < 1e-6 and not torch.equal(e, a.exp())
 
 
-# the kernels' modes (as tests/test_op_modes.py), each through the forward and both backwards
+# the kernels' modes (as tests/test_op_modes.py): (mode, coords, padding, offsets?, kernel_size, G, nh, K)
 MODES = {
-    "attention, align-corners, window + offsets, rpb": ("attention", "align_corners", "zeros", True, 3, 2, 2),
-    "attention, nearest, window": ("attention", "nearest", "zeros", False, 3, 1, 1),
-    "logits, nearest, window (CARAFE)": ("logits", "nearest", "zeros", False, 3, 1, 2),
-    "given weights, half-pixel, border, offsets": ("weights", "half_pixel", "border", True, None, 2, 2),
-    "unit, half-pixel, border, offsets (DySample)": ("unit", "half_pixel", "border", True, None, 2, 1),
-    "unit, align-corners, no offsets (bilinear)": ("unit", "align_corners", "zeros", False, None, 1, 1),
+    "attention, align-corners, window + offsets": ("attention", "align_corners", "zeros", True, 3, 2, 2, 9),
+    "attention, nearest, window": ("attention", "nearest", "zeros", False, 3, 1, 1, 9),
+    "logits, nearest, window (CARAFE)": ("logits", "nearest", "zeros", False, 3, 1, 2, 9),
+    "given weights, half-pixel, border, offsets": ("weights", "half_pixel", "border", True, None, 2, 2, 2),
+    "unit, half-pixel, border, offsets": ("unit", "half_pixel", "border", True, None, 2, 1, 2),
+    "unit, align-corners, no offsets (bilinear)": ("unit", "align_corners", "zeros", False, None, 1, 1, 1),
 }
-# (H, W, Ho, Wo): a map, a one-pixel output, a one-row output
-SIZES = {"3x4->5x7": (3, 4, 5, 7), "3x4->1x1": (3, 4, 1, 1), "2x3->1x5": (2, 3, 1, 5)}
+# (B, C, D, H, W, Ho, Wo): a map, a one-pixel output, a one-row output
+SIZES = {"3x4->5x7": (1, 4, 4, 3, 4, 5, 7), "3x4->1x1": (1, 4, 4, 3, 4, 1, 1), "2x3->1x5": (1, 4, 4, 2, 3, 1, 5)}
 # (output, gradients): float64 holds the suite's bounds; fp32 against float64, under the harness's
 # approximate division and exp, was at worst 3.2e-7 / 2.7e-7 over 40 seeds of each case (measured
 # here, forward and both backwards): 5e-6 leaves a margin of 15
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (5e-6, 5e-6)}
-
-
-def _problem(mode, coords, padding, offsets, kernel_size, G, nh, sizes, seed, dtype):
-    g = torch.Generator().manual_seed(seed)
-    H, W, Ho, Wo = sizes
-    B, C, D = 1, 4, 4
-    K = (kernel_size or 1) ** 2 if not offsets or kernel_size else 2
-
-    def randn(*shape, s=1.0):
-        return (seeded_randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
-    t = {"v": randn(B, C, H, W)}
-    if offsets:
-        # kept 1e-2 off the pixel edges, where the bilinear derivative jumps: fp32 and float64
-        # positions within rounding of one take it on different sides (see helpers.off_pixel_edges)
-        o = randn(B, G * 2 * K, Ho, Wo, s=1.5)
-        frac = o - o.round()
-        t["offset"] = torch.where(frac.abs() < 1e-2, o + 0.05, o)
-    if mode == "attention":
-        t.update(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W))
-        if offsets:
-            t["rpb"] = randn(nh, K, D // nh, s=0.5)
-    elif mode in ("logits", "weights"):
-        t[mode] = randn(B, nh, K, Ho, Wo)
-    kw = dict(coords=coords, padding=padding, kernel_size=kernel_size, num_heads=nh,
-              num_groups=G if offsets else None)
-    return t, kw, (Ho, Wo)
-
-
-def _run(t, kw, size, backend, dout, deterministic=False):
-    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in t.items()}
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        out = local_upsample(leaves["v"], size, backend=backend, **{n: x for n, x in leaves.items() if n != "v"}, **kw)
-        out.backward(dout.to(out.dtype))
-    finally:
-        torch.use_deterministic_algorithms(False)
-    return out.detach(), {n: x.grad for n, x in leaves.items()}
 
 
 @pytest.fixture
@@ -195,20 +157,21 @@ def int64_everywhere(monkeypatch):
 # every mode in fp32 on a map and in float64 at a one-pixel output (tests/test_op_modes.py runs the
 # float64 maps under the same harness); one-row outputs for the two coordinate rules with a ratio
 CASES = [(n, "3x4->5x7", torch.float32) for n in MODES] + [(n, "3x4->1x1", torch.float64) for n in MODES] + [
-    (n, "2x3->1x5", d) for n, d in (("attention, align-corners, window + offsets, rpb", torch.float64),
-                                    ("unit, half-pixel, border, offsets (DySample)", torch.float32))]
+    (n, "2x3->1x5", d) for n, d in (("attention, align-corners, window + offsets", torch.float64),
+                                    ("unit, half-pixel, border, offsets", torch.float32))]
 
 
 @pytest.mark.parametrize("name,size,dtype", CASES, ids=[f"{n}-{s}-{d}" for n, s, d in CASES])
 def test_kernels_match_the_reference_under_jit_semantics(name, size, dtype, int64_everywhere):
     """Forward, atomic backward and deterministic backward (gather and drpb kernels), every index 64-bit."""
     seed = fresh_seed()
-    t, kw, out_size = _problem(*MODES[name], SIZES[size], seed, dtype)
+    # offsets 1e-2 off the pixel edges, where the bilinear derivative jumps (helpers.off_pixel_edges)
+    t, kw, out_size = mode_problem(*MODES[name], seed=seed, dtype=dtype, dims=SIZES[size], spread=1.5, margin=1e-2)
     dout = seeded_randn(1, 4, *out_size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    ref, ref_grads = _run({n: x.double() for n, x in t.items()}, kw, out_size, "reference", dout)
+    ref, ref_grads = run_op({n: x.double() for n, x in t.items()}, kw, out_size, "reference", dout)
     tol_out, tol_grad = TOL[dtype]
     for deterministic in (False, True):
-        out, grads = _run(t, kw, out_size, "triton", dout, deterministic)
+        out, grads = run_op(t, kw, out_size, "triton", dout, deterministic)
         assert out.dtype == dtype and rel_err(out, ref) < tol_out, f"seed={seed}"
         for n in grads:
             assert grads[n].dtype == dtype, n

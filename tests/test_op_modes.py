@@ -3,7 +3,7 @@ against the eager reference (float64), the deterministic backward for each, and 
 import pytest
 import torch
 
-from helpers import fresh_seed, rel_err, seeded_randn, slow_except
+from helpers import fresh_seed, mode_problem, rel_err, run_op, seeded_randn, slow_except
 from kernels.launchers import Config
 from upsampler import local_upsample
 
@@ -17,35 +17,7 @@ MODES = {
 }
 
 
-def problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dtype=torch.float64, small=False):
-    g = torch.Generator().manual_seed(seed)
-    B, C, D, H, W, Ho, Wo = (2, 8, 8, 3, 4, 6, 7) if small else (2, 8, 8, 5, 7, 10, 13)
-
-    def randn(*shape, s=1.0):
-        return (seeded_randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
-    t = {"v": randn(B, C, H, W)}
-    if offsets:
-        t["offset"] = randn(B, G * 2 * K, Ho, Wo, s=2.0)
-    if mode == "attention":
-        t.update(q=randn(B, D, Ho, Wo), k=randn(B, D, H, W), rpb=randn(nh, K, D // nh, s=0.5))
-    elif mode in ("logits", "weights"):
-        t[mode] = randn(B, nh, K, Ho, Wo)
-    kw = dict(coords=coords, padding=padding, kernel_size=kernel_size, num_heads=nh,
-              num_groups=G if offsets else None)
-    return t, kw, (Ho, Wo)
-
-
-def run(t, kw, size, backend, dout, deterministic=False):
-    leaves = {n: x.detach().clone().requires_grad_(True) for n, x in t.items()}
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        v = leaves["v"]
-        out = local_upsample(v, size, backend=backend, **{n: x for n, x in leaves.items() if n != "v"}, **kw)
-        out.backward(dout.to(out.dtype))
-    finally:
-        torch.use_deterministic_algorithms(False)
-    assert all(x.grad is not None for x in leaves.values())
-    return out, {n: x.grad for n, x in leaves.items()}
+SMALL = (2, 8, 8, 3, 4, 6, 7)  # (B, C, D, H, W, Ho, Wo)
 
 
 @pytest.fixture
@@ -64,17 +36,17 @@ def test_mode_matches_reference_and_is_deterministic(name, force_int64):
     with 64-bit indices (forward, backward, gather and drpb kernels); the deterministic backward in
     int32 repeats the int64 one bit for bit (index width changes no arithmetic)."""
     seed = fresh_seed()
-    t, kw, size = problem(*MODES[name], seed=seed, small=True)
+    t, kw, size = mode_problem(*MODES[name], seed=seed, dims=SMALL)
     dout = seeded_randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    ref, ref_grads = run(t, kw, size, "reference", dout)
+    ref, ref_grads = run_op(t, kw, size, "reference", dout)
     force_int64["on"] = True
-    out, grads = run(t, kw, size, "triton", dout)
+    out, grads = run_op(t, kw, size, "triton", dout)
     assert rel_err(out, ref) < 1e-12, f"seed={seed}"
     for n in grads:
         assert rel_err(grads[n], ref_grads[n]) < 1e-10, f"d{n}, seed={seed}"
-    first = run(t, kw, size, "triton", dout, deterministic=True)[1]
+    first = run_op(t, kw, size, "triton", dout, deterministic=True)[1]
     force_int64["on"] = False
-    second = run(t, kw, size, "triton", dout, deterministic=True)[1]
+    second = run_op(t, kw, size, "triton", dout, deterministic=True)[1]
     for n in grads:
         assert torch.equal(first[n], second[n]), f"d{n} differs between runs, seed={seed}"
         assert rel_err(first[n], ref_grads[n]) < 1e-10, f"d{n}, seed={seed}"
@@ -100,11 +72,11 @@ def test_non_default_configs_compute_the_same(name, monkeypatch):
     import upsampler.function as Fn
     monkeypatch.setattr(Fn, "_config", lambda *a, **k: CONFIGS[name])
     seed = fresh_seed()
-    t, kw, size = problem(*MODES[name], seed=seed, small=True)
+    t, kw, size = mode_problem(*MODES[name], seed=seed, dims=SMALL)
     dout = seeded_randn(2, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    ref, ref_grads = run(t, kw, size, "reference", dout)
+    ref, ref_grads = run_op(t, kw, size, "reference", dout)
     for deterministic in (False, True):
-        out, grads = run(t, kw, size, "triton", dout, deterministic=deterministic)
+        out, grads = run_op(t, kw, size, "triton", dout, deterministic=deterministic)
         assert rel_err(out, ref) < 1e-12, f"seed={seed}"
         for n in grads:
             assert rel_err(grads[n], ref_grads[n]) < 1e-10, f"d{n}, deterministic={deterministic}, seed={seed}"
@@ -113,9 +85,9 @@ def test_non_default_configs_compute_the_same(name, monkeypatch):
 @pytest.mark.parametrize("dtype", slow_except([torch.float32, torch.bfloat16], torch.bfloat16), ids=str)
 def test_low_precision_accumulates_in_fp32(dtype):
     seed = fresh_seed()
-    t, kw, size = problem(*MODES["logits, nearest, window (CARAFE)"], seed=seed, dtype=dtype)
+    t, kw, size = mode_problem(*MODES["logits, nearest, window (CARAFE)"], seed=seed, dtype=dtype)
     out = local_upsample(t.pop("v"), size, backend="triton", **t, **kw)
-    t64, _, _ = problem(*MODES["logits, nearest, window (CARAFE)"], seed=seed, dtype=dtype)
+    t64, _, _ = mode_problem(*MODES["logits, nearest, window (CARAFE)"], seed=seed, dtype=dtype)
     ref = local_upsample(t64.pop("v").double(), size, backend="reference", **{n: x.double() for n, x in t64.items()},
                          **kw)
     assert out.dtype == dtype and rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2), f"seed={seed}"
