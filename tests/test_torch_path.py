@@ -182,17 +182,23 @@ def test_native_offset_conv_head_is_the_branch(shape, Co, k, pad):
 
 def test_native_build_says_why_not(monkeypatch, tmp_path):
     """No compiler, a failing one, or LDA_AQU_NATIVE=0: unavailable() says so, and the op runs the gathers."""
+    for env, why in ((dict(LDA_AQU_NATIVE="0"), "LDA_AQU_NATIVE=0"), (dict(CXX="false"), "false failed")):
+        monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(tmp_path))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        _gathers_stand_in(monkeypatch, why)
+
+
+def _gathers_stand_in(monkeypatch, why: str):
+    """With the library refused for `why` (as monkeypatch has set things up), the op runs its gathers and
+    matches the reference; then the patches go and the real library comes back."""
+    cpu._library.cache_clear()
     try:
-        for env, why in ((dict(LDA_AQU_NATIVE="0"), "LDA_AQU_NATIVE=0"), (dict(CXX="false"), "false failed")):
-            cpu._library.cache_clear()
-            monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(tmp_path))
-            for name, value in env.items():
-                monkeypatch.setenv(name, value)
-            assert why in cpu.unavailable()
-            t, size, kw = problem("s2,G=3,nh=2", "attention", fresh_seed())
-            assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12
-            monkeypatch.undo()
+        assert why in cpu.unavailable()
+        t, size, kw = problem("s2,G=3,nh=2", "attention", fresh_seed())
+        assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12
     finally:
+        monkeypatch.undo()
         cpu._library.cache_clear()
 
 
@@ -229,18 +235,11 @@ def test_native_layout_drift_is_refused(monkeypatch, tmp_path):
              (None, "_Problem", Extended,
               f"field extra: absent in local_upsample_cpu.cpp's Problem, offset {ctypes.sizeof(cpu._Problem)} "
               "(8 bytes, float) in _Problem"))
-    try:
-        for build_dir, name, value, why in cases:
-            cpu._library.cache_clear()
-            if build_dir is not None:
-                monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(build_dir))
-            monkeypatch.setattr(cpu, name, value)
-            assert why in cpu.unavailable()
-            t, size, kw = problem("s2,G=3,nh=2", "attention", fresh_seed())
-            assert rel_err(run(t, size, kw, "torch"), run(t, size, kw, "reference")) < 1e-12
-            monkeypatch.undo()
-    finally:
-        cpu._library.cache_clear()
+    for build_dir, name, value, why in cases:
+        if build_dir is not None:
+            monkeypatch.setenv("LDA_AQU_BUILD_DIR", str(build_dir))
+        monkeypatch.setattr(cpu, name, value)
+        _gathers_stand_in(monkeypatch, why)
 
 
 @pytest.mark.parametrize("mode", ["attention", "logits"])
