@@ -21,10 +21,11 @@ from typing import Optional
 
 import torch
 
+from . import layout
+from .layout import WEIGHT_MODES
+
 SOURCE = Path(__file__).with_name("local_upsample_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-MODES = {"none": 0, "weights": 1, "logits": 2, "attention": 3}
-CHUNK_PAIRS = 1 << 18  # backward: (pixel, corner) pairs recorded per scatter pass, a cache-sized buffer
 
 
 class _Problem(ctypes.Structure):
@@ -182,9 +183,9 @@ def _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base
     y0, x0 = origins
     keep += [seg, qseg, y0, x0, base]
     return _Problem(B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, G=G, NH=nh, K=K, Dq=0 if q is None else q.shape[1],
-                    mode=MODES[mode], align=coords == "align_corners", exact=coords == "nearest" and offset is None,
+                    mode=WEIGHT_MODES[mode], align=coords == "align_corners", exact=coords == "nearest" and offset is None,
                     border=padding == "border", has_offset=offset is not None, has_rpb=rpb is not None,
-                    n_threads=torch.get_num_threads(), chunk_pixels=max(1, CHUNK_PAIRS // (G * K * 4)),
+                    n_threads=torch.get_num_threads(), chunk_pixels=max(1, layout.CHUNK_PAIRS // (G * K * 4)),
                     n_seg=len(segs), n_qseg=len(qsegs), unit_y=units[0], unit_x=units[1], scale=scale,
                     seg=_ptr(seg), qseg=_ptr(qseg), y0=_ptr(y0), x0=_ptr(x0), base=_ptr(base))
 
@@ -207,7 +208,7 @@ def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, orig
     tensors = dict(v=_cl(v, acc, empty), offset=_c(offset, acc, empty), q=_c(q, acc, empty), k=_cl(k, acc, empty),
                    rpb=_c(rpb, acc, empty), given=_c(given, acc, empty))
     out = empty((p.B, p.C, p.Ho, p.Wo), acc)
-    w = empty((p.B, p.NH, p.Ho * p.Wo, p.K), acc) if mode != "none" and keep_weights else None
+    w = empty((p.B, p.NH, p.Ho * p.Wo, p.K), acc) if mode != "unit" and keep_weights else None
     for n, t in dict(tensors, out=out, w=w).items():
         setattr(p, n, _ptr(t))
     if p.B and p.Ho and p.Wo:

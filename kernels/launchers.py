@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import acc_dtype, segments
+from .layout import WEIGHT_MODES, acc_dtype, segments
 from .local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_drpb_kernel, upsample_fwd_kernel
 
 # kernels are decorated at import: the interpreter is on only if it was on then
@@ -20,7 +20,6 @@ MAX_GRID_YZ = 65535
 MAX_GRID_X = 2**31 - 1
 # partial sums that the atomic backward's drpb is spread over (contention against scratch)
 DRPB_SLOTS = 256
-WEIGHTS = {"attention": 0, "logits": 1, "weights": 2, "unit": 3}
 COORDS = {"align_corners": 0, "half_pixel": 1, "nearest": 2}
 
 
@@ -149,7 +148,7 @@ def _constexprs(pb: Problem, spec: Spec, cfg: Config, dtype: torch.dtype, has_of
     return dict(
         D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K,
         NH_PAD=triton.next_power_of_2(pb.NH), K_PAD=triton.next_power_of_2(pb.K), GRID=spec.grid,
-        COORD=COORDS[spec.coords], BORDER=spec.padding == "border", WEIGHTS=WEIGHTS[spec.weights],
+        COORD=COORDS[spec.coords], BORDER=spec.padding == "border", WEIGHTS=WEIGHT_MODES[spec.weights],
         HAS_OFF=has_off, EXACT=spec.coords == "nearest" and not has_off, HAS_RPB=has_rpb, INT64=int64,
         ACC=_acc(dtype)[1], BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d, BLOCK_C=cfg.block_c,
         EVEN_D=pb.D == 0 or _even(pb.D, pb.G, pb.NH, cfg.block_d), EVEN_C=_even(pb.C, pb.G, pb.NH, cfg.block_c),

@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import torch
 
+# how the samples are weighted, by one name and one number in every backend: the Triton kernels'
+# WEIGHTS constexpr and the C++ kernels' Problem.mode
+WEIGHT_MODES = {"unit": 0, "weights": 1, "logits": 2, "attention": 3}
+# (pixel, corner) pairs per chunk of output rows in the torch path and per scatter pass of the native
+# backward: every per-pair intermediate stays cache-sized, so the cost per output pixel does not grow
+# with the map (tests shrink it to cross chunk edges on tiny maps)
+CHUNK_PAIRS = 1 << 18
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -22,6 +30,12 @@ def segments(channels: int, G: int, NH: int) -> list[tuple[int, int, int, int]]:
     """(group, head, first, end) of each channel run with one group and one head."""
     cuts = sorted({i * channels // G for i in range(G + 1)} | {i * channels // NH for i in range(NH + 1)})
     return [(lo * G // channels, lo * NH // channels, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+
+
+def weight_mode(q, logits, weights) -> str:
+    """The WEIGHT_MODES name of checked arguments: q (with k) attention, else logits, given weights, or unit."""
+    return "attention" if q is not None else "logits" if logits is not None else \
+        "weights" if weights is not None else "unit"
 
 
 def neighbours(offset, rpb, logits, weights, kernel_size, G: int) -> int:

@@ -30,10 +30,11 @@ masked reduction, which is cheap next to the channel gathers it goes with.
 import triton
 import triton.language as tl
 
-ATTENTION: tl.constexpr = tl.constexpr(0)
-LOGITS: tl.constexpr = tl.constexpr(1)
-GIVEN: tl.constexpr = tl.constexpr(2)
-UNIT: tl.constexpr = tl.constexpr(3)
+# kernels.layout.WEIGHT_MODES' numbers
+UNIT: tl.constexpr = tl.constexpr(0)
+GIVEN: tl.constexpr = tl.constexpr(1)
+LOGITS: tl.constexpr = tl.constexpr(2)
+ATTENTION: tl.constexpr = tl.constexpr(3)
 ALIGN_CORNERS: tl.constexpr = tl.constexpr(0)
 HALF_PIXEL: tl.constexpr = tl.constexpr(1)
 NEAREST: tl.constexpr = tl.constexpr(2)

@@ -10,7 +10,7 @@ import torch
 from helpers import fresh_seed, rel_err, seeded_randn
 from upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
 from upsampler import torch_path
-from kernels import cpu
+from kernels import cpu, layout
 
 # (B, C, H, W, size, G, nh, kernel_size): odd sizes, groups and heads crossing unevenly, Ho = 1
 GEOMETRY = {
@@ -18,7 +18,7 @@ GEOMETRY = {
     "s1.5,G=1,nh=1,k=5": (1, 4, 4, 5, (6, 7), 1, 1, 5),
     "Ho=1,G=2,nh=4": (1, 8, 3, 6, (1, 9), 2, 4, 3),
 }
-MODES = ["attention", "logits", "weights", "none"]
+MODES = ["attention", "logits", "weights", "unit"]
 
 
 @pytest.fixture(params=["native", "gathers"])
@@ -80,8 +80,7 @@ def test_modes_match_reference(mode, coords, padding, impl):
 def test_chunks_match_reference(mode, monkeypatch, impl):
     """One output row per chunk (tables per image, gradients of v and k summed over each chunk's band
     of rows; the native backward's scatter passes): the same op, and bitwise repeatable."""
-    monkeypatch.setattr(torch_path, "CHUNK_PAIRS", 1)
-    monkeypatch.setattr(cpu, "CHUNK_PAIRS", 1)
+    monkeypatch.setattr(layout, "CHUNK_PAIRS", 1)
     seed = fresh_seed()
     name = list(GEOMETRY)[seed % len(GEOMETRY)]
     extra = dict(coords=["align_corners", "half_pixel", "nearest"][seed % 3], padding=["zeros", "border"][seed % 2])
@@ -96,7 +95,7 @@ def test_chunks_match_reference(mode, monkeypatch, impl):
         assert torch.equal(got[n], again[n]), f"d{n} not repeatable, {name}, {extra}, seed={seed}"
 
 
-@pytest.mark.parametrize("mode", ["attention", "none"])
+@pytest.mark.parametrize("mode", ["attention", "unit"])
 def test_base_grid_without_offsets(mode):
     seed = fresh_seed()
     t, size, kw = problem("s2,G=3,nh=2", mode, seed, offsets=False)
@@ -265,7 +264,7 @@ def test_plain_graph_matches_reference():
     for i, (mode, offsets) in enumerate([(m, o) for m in MODES for o in (True, False)]):
         name = list(GEOMETRY)[i % len(GEOMETRY)]
         t, size, kw = problem(name, mode, seed, offsets=offsets)  # without offsets: CARAFE, interpolation
-        G, nh = kw["num_groups"] or 1, 1 if mode == "none" else GEOMETRY[name][6]
+        G, nh = kw["num_groups"] or 1, 1 if mode == "unit" else GEOMETRY[name][6]
         for coords, padding in (("align_corners", "zeros"), ("half_pixel", "border")):
             scale = (t["q"].shape[1] // nh) ** -0.5 if mode == "attention" else 1.0
             out = torch_path._plain(t["v"], size, t["offset"], t.get("q"), t.get("k"), t.get("rpb"), t.get("logits"),

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from kernels.launchers import Problem, Spec, upsample_bwd, upsample_fwd
-from kernels.layout import acc_dtype, neighbours
+from kernels.layout import acc_dtype, neighbours, weight_mode
 
 from .torch_path import refuse_double_backward
 
@@ -98,8 +98,7 @@ torch.library.register_autograd("lda_aqu::upsample_fwd", _grad, setup_context=_s
 def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
                           coords, padding):
     """`upsampler.local_upsample` through the Triton kernels; arguments already checked."""
-    mode = "attention" if q is not None else "logits" if logits is not None else \
-        "weights" if weights is not None else "unit"
+    mode = weight_mode(q, logits, weights)
     wts = logits if logits is not None else weights
     K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)
     spec = Spec(num_groups, num_heads, K, mode, coords, padding, kernel_size or 0, scale)

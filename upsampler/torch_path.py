@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu as _cpu
+from kernels import cpu as _cpu, layout as _layout
 from kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, sample_origins, segments as _segments,
-                            window_offsets)
+                            weight_mode, window_offsets)
 
 from . import cpu_cache
 
@@ -54,9 +54,6 @@ def _reshaped(t: Tensor, *shape) -> Tensor:
 
 
 PAD = 2  # zero border of the tables: a corner of any clipped cell [-2, H] x [-2, W] reads a real row
-# pairs per chunk of output rows: every per-pair intermediate of a chunk stays cache-sized, so the cost
-# per output pixel does not grow with the map (tests shrink it to cross chunk edges on tiny maps)
-CHUNK_PAIRS = 1 << 18
 
 
 def _table(x: Tensor, b: int, c0: int, c1: int, acc) -> Tensor:
@@ -172,7 +169,7 @@ class _Pairs:
 def _chunks(B, size, G, K):
     """(b, r0, r1): runs of output rows of one image with about CHUNK_PAIRS pairs."""
     Ho, Wo = size
-    R = max(1, CHUNK_PAIRS // (G * Wo * K * 4))
+    R = max(1, _layout.CHUNK_PAIRS // (G * Wo * K * 4))
     return [(b, r0, min(r0 + R, Ho)) for b in range(B) for r0 in range(0, Ho, R)]
 
 
@@ -195,8 +192,7 @@ def _coef(pairs, w, g, h):
 
 def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc):
     """The native kernels' description of the problem: mode, groups, heads, K, channel runs, grid."""
-    mode = "attention" if q is not None else "logits" if logits is not None else \
-        "weights" if weights is not None else "none"
+    mode = weight_mode(q, logits, weights)
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     return _native_geometry(mode, *v.shape[1:], *size, kernel_size, K, G, nh, 0 if q is None else q.shape[1], coords,
                             acc)
