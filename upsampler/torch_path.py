@@ -487,16 +487,27 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     nan_possible = padding == "border" and offset is not None and \
         (v.device.type != "cpu" or _traced() or bool(offset.sum().isnan()))
 
+    # Inductor before 2.13 cannot lower a graph that keeps for backward a [B*G, ch // G, H, W] view of a
+    # conv's output (it orders the view's symbolic channels-last strides with bare sympy comparisons:
+    # "cannot determine truth value of Relational"); under torch.compile the groups are stacked group-major
+    # (copies, no views: the grid's too), each sample's batch index g*B + b
+    group_major = G > 1 and _MIN_STRIDES and torch.compiler.is_compiling()
+
     def sample(x, n):  # [B, ch, H, W] -> [B, nh, ch // nh, Ho, Wo], each group at its own positions
-        g = grid[:, :, n].reshape(-1, Ho, Wo, 2)
+        g = grid[:, :, n]
+        if group_major:
+            xs, g = torch.cat(x.chunk(G, 1)), torch.cat(g.unbind(1))
+        else:
+            xs, g = x.reshape(-1, x.shape[1] // G, H, W), g.reshape(-1, Ho, Wo, 2)
         # integer positions (the nearest rule, no offsets): the pixel alone, as the kernels read it
         mode = "nearest" if coords == "nearest" and offset is None else "bilinear"
-        s = F.grid_sample(x.reshape(-1, x.shape[1] // G, H, W), g, mode=mode, padding_mode=padding,
-                          align_corners=False)
+        s = F.grid_sample(xs, g, mode=mode, padding_mode=padding, align_corners=False)
         # grid_sample clips a NaN position into the map; the contract is NaN out. In eager on the CPU the
         # output pass runs only when an offset is NaN (its sum is: one reduction; inf - inf a false alarm)
         if nan_possible:
             s = s.masked_fill(g.isnan().any(-1)[:, None], float("nan"))
+        if group_major:
+            s = s.unflatten(0, (G, -1)).transpose(0, 1)
         return _reshaped(s, -1, nh, x.shape[1] // nh, Ho, Wo)
 
     if q is not None:
