@@ -41,7 +41,8 @@ mkdir -p "$(dirname "$log")"
 start=$(date +%s)
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
+    # the log itself (truncated by now) is no local change
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD -- . ":(exclude)$log" 2>/dev/null || echo ' (with local changes)')"
     "$python" -c "import platform, torch, triton; print(f'python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}')"
     echo "tests: ${tests[*]} -k \"$select\""
 } > "$log"
