@@ -4,7 +4,8 @@ on first use into a per-user build folder, loaded through ctypes, launched on to
 No torch headers are compiled (a second's build), and the library links the same OpenMP runtime that
 torch has loaded (libgomp.so.1, by soname), so its threads are torch's (`torch.get_num_threads()`).
 Where no compiler is found, or the library's `Problem` struct differs from `_Problem` (checked on
-load), the native kernels fail once, say why (`unavailable()`), and the torch path keeps its gather form. LDA_AQU_NATIVE=0 turns the native kernels off.
+load), the native kernels fail once, say why (`unavailable()`), and the torch path keeps its gather
+form. LDA_AQU_NATIVE=0 turns the native kernels off.
 """
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ def _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base
     y0, x0 = origins
     keep += [seg, qseg, y0, x0, base]
     return _Problem(B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, G=G, NH=nh, K=K, Dq=0 if q is None else q.shape[1],
-                    mode=WEIGHT_MODES[mode], align=coords == "align_corners", exact=coords == "nearest" and offset is None,
+                    mode=WEIGHT_MODES[mode], align=coords == "align_corners",
+                    exact=coords == "nearest" and offset is None,
                     border=padding == "border", has_offset=offset is not None, has_rpb=rpb is not None,
                     n_threads=torch.get_num_threads(), chunk_pixels=max(1, layout.CHUNK_PAIRS // (G * K * 4)),
                     n_seg=len(segs), n_qseg=len(qsegs), unit_y=units[0], unit_x=units[1], scale=scale,

@@ -1,4 +1,5 @@
-"""The Triton kernels and the torch path compute the eager reference's output (LDA-AQU's sampling and attention steps)."""
+"""The Triton kernels and the torch path compute the eager reference's output (LDA-AQU's sampling and
+attention steps)."""
 import math
 
 import pytest

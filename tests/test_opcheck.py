@@ -85,7 +85,8 @@ def _opcheck(calls):
         assert not failed, f"{func}: {failed}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)],
+                         ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name, backend", PARAMS)
 def test_opcheck_training_calls(name, backend, dtype):
     calls = _record(name, backend, dtype)
