@@ -62,6 +62,16 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(cpu_cache, "empty", poisoned_cached)
 
 
+@pytest.fixture
+def force_int64(monkeypatch):
+    """Every launch addresses in 64 bits, as past 2**31 elements: the INT64 paths on small problems."""
+    import kernels.launchers as L
+    needs = L._needs_int64
+    state = {"on": False}
+    monkeypatch.setattr(L, "_needs_int64", lambda *t: state["on"] or needs(*t))
+    return state
+
+
 # A per-test time limit without pytest-timeout (the GPU machine has only pytest and pytest-xdist):
 # $LDA_AQU_TEST_TIMEOUT seconds, then the test fails with its stack; a test stuck where Python cannot
 # interrupt it (a kernel that never returns) is stopped 30 s later by faulthandler, which prints every

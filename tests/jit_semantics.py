@@ -21,7 +21,6 @@ A violation raises `JitSemanticsError` naming the kernel and the seed that repla
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 
@@ -250,7 +249,6 @@ _PATCHES = {
     "create_atomic_rmw": _recorded(ATOMIC, _interp.InterpreterBuilder.create_atomic_rmw, 1, 3),
     "create_atomic_cas": _recorded(ATOMIC, _interp.InterpreterBuilder.create_atomic_cas, 0, None),
 }
-_saved: dict = {}
 
 
 def enabled() -> bool:
@@ -266,29 +264,7 @@ def install(seed: int | None = None) -> int:
         # pytest-xdist's workers start after conftest is imported, and inherit the environment
         os.environ["LDA_AQU_JIT_SEED"] = str(_seed)
     _rng = np.random.default_rng(_seed)
-    if not _saved:
-        _saved["run"] = _interp.InterpretedFunction.run
-        for name in _PATCHES:
-            _saved[name] = getattr(_interp.InterpreterBuilder, name)
     _interp.InterpretedFunction.run = _run
     for name, fn in _PATCHES.items():
         setattr(_interp.InterpreterBuilder, name, fn)
     return _seed
-
-
-def uninstall():
-    if _saved:
-        _interp.InterpretedFunction.run = _saved["run"]
-        for name in _PATCHES:
-            setattr(_interp.InterpreterBuilder, name, _saved[name])
-
-
-@contextlib.contextmanager
-def installed(seed: int | None = None):
-    was = _interp.InterpretedFunction.run is _run
-    s = install(seed)
-    try:
-        yield s
-    finally:
-        if not was:
-            uninstall()

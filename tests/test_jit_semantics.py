@@ -148,12 +148,6 @@ SIZES = {"3x4->5x7": (1, 4, 4, 3, 4, 5, 7), "3x4->1x1": (1, 4, 4, 3, 4, 1, 1), "
 TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (5e-6, 5e-6)}
 
 
-@pytest.fixture
-def int64_everywhere(monkeypatch):
-    import kernels.launchers as L
-    monkeypatch.setattr(L, "_needs_int64", lambda *t: True)
-
-
 # every mode in fp32 on a map and in float64 at a one-pixel output (tests/test_op_modes.py runs the
 # float64 maps under the same harness); one-row outputs for the two coordinate rules with a ratio
 CASES = [(n, "3x4->5x7", torch.float32) for n in MODES] + [(n, "3x4->1x1", torch.float64) for n in MODES] + [
@@ -162,8 +156,9 @@ CASES = [(n, "3x4->5x7", torch.float32) for n in MODES] + [(n, "3x4->1x1", torch
 
 
 @pytest.mark.parametrize("name,size,dtype", CASES, ids=[f"{n}-{s}-{d}" for n, s, d in CASES])
-def test_kernels_match_the_reference_under_jit_semantics(name, size, dtype, int64_everywhere):
+def test_kernels_match_the_reference_under_jit_semantics(name, size, dtype, force_int64):
     """Forward, atomic backward and deterministic backward (gather and drpb kernels), every index 64-bit."""
+    force_int64["on"] = True
     seed = fresh_seed()
     # offsets 1e-2 off the pixel edges, where the bilinear derivative jumps (helpers.off_pixel_edges)
     t, kw, out_size = mode_problem(*MODES[name], seed=seed, dtype=dtype, dims=SIZES[size], spread=1.5, margin=1e-2)

@@ -20,16 +20,6 @@ MODES = {
 SMALL = (2, 8, 8, 3, 4, 6, 7)  # (B, C, D, H, W, Ho, Wo)
 
 
-@pytest.fixture
-def force_int64(monkeypatch):
-    """Every launch addresses in 64 bits, as past 2**31 elements: the INT64 paths on small problems."""
-    import kernels.launchers as L
-    needs = L._needs_int64
-    state = {"on": False}
-    monkeypatch.setattr(L, "_needs_int64", lambda *t: state["on"] or needs(*t))
-    return state
-
-
 @pytest.mark.parametrize("name", list(MODES))
 def test_mode_matches_reference_and_is_deterministic(name, force_int64):
     """The forward and both backwards against the reference, the atomic one and one deterministic one
