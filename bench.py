@@ -53,14 +53,14 @@ import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 import bench_plots  # noqa: E402
-from autotune.device import device_slug  # noqa: E402
-from kernels.layout import DTYPES as ALL_DTYPES  # noqa: E402
-from upsampler import CARAFE, FADE, LDAAQU, SAPA, DySample, SAPADeform, deformable_local_attention  # noqa: E402
-from upsampler import cpu_cache  # noqa: E402
-from upsampler.flops import count_flops  # noqa: E402
-from upsampler.naive import deformable_local_attention_ref  # noqa: E402
-from upsampler.official import official_forward  # noqa: E402
-from upsampler.plain import (carafe_forward, dysample_forward, fade_forward, sapa_forward,  # noqa: E402
+from lda_aqu.autotune.device import device_slug  # noqa: E402
+from lda_aqu.kernels.layout import DTYPES as ALL_DTYPES  # noqa: E402
+from lda_aqu.upsampler import CARAFE, FADE, LDAAQU, SAPA, DySample, SAPADeform, deformable_local_attention  # noqa: E402
+from lda_aqu.upsampler import cpu_cache  # noqa: E402
+from lda_aqu.upsampler.flops import count_flops  # noqa: E402
+from lda_aqu.upsampler.naive import deformable_local_attention_ref  # noqa: E402
+from lda_aqu.upsampler.official import official_forward  # noqa: E402
+from lda_aqu.upsampler.plain import (carafe_forward, dysample_forward, fade_forward, sapa_forward,  # noqa: E402
                              sapadeform_forward)
 
 DTYPES = {n: ALL_DTYPES[n] for n in ("fp32", "bf16", "fp16")}

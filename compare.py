@@ -41,9 +41,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import upsampler
-from upsampler import FPN, select_backend
-from upsampler.fpn import UPSAMPLERS
+import lda_aqu.upsampler as upsampler
+from lda_aqu.upsampler import FPN, select_backend
+from lda_aqu.upsampler.fpn import UPSAMPLERS
 
 # each paper's defaults; widths tied to 256-channel necks scaled to ours (CARAFE compresses C/4 as mmdet's 256 -> 64)
 UPSAMPLER_CFG = {"carafe": lambda c: dict(up_kernel=5, encoder_kernel=3, compressed_channels=c // 4),

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from upsampler import LDAAQU  # noqa: E402
+from lda_aqu.upsampler import LDAAQU  # noqa: E402
 
 
 def scene(H: int, W: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ PY=.venv/bin/python
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 start=$(date +%s)
 if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    "$PY" -m autotune sweep --kernel-sizes 3 5 7 --dtype fp32 bf16
+    "$PY" -m lda_aqu.autotune sweep --kernel-sizes 3 5 7 --dtype fp32 bf16
     "$PY" bench.py "$@"
 else
     echo "no GPU: the CPU grid of the torch path against the official-style module (load average $(cut -d' ' -f1 /proc/loadavg))"

@@ -3,7 +3,7 @@
 # call less a minute's margin; nothing is installed):
 #   accuracy   the op against the float64 reference at FPN P2, fp32 and bf16, forward and gradients
 #   bandwidth  a 1 GiB device-to-device copy (GB/s), what the op's effective GB/s is compared with
-#   sweep      python -m autotune sweep over the FPN buckets the bench runs (k_u 3, fp32 bf16; the
+#   sweep      python -m lda_aqu.autotune sweep over the FPN buckets the bench runs (k_u 3, fp32 bf16; the
 #              inference forward, the training forward and the backward)
 #   bench-*    bench.py at FPN P2 and at the latency workload (x2 of 1x256x120x120), against the
 #              eager op and the official-style module; bench-compile, last, the op's torch.compile
@@ -19,7 +19,7 @@
 # is left of the budget (less what the report needs), skipped with a note when nothing is, and the
 # next one runs whatever happened. Every stage writes its rows as it measures them, so a stage cut
 # short keeps them: all under results/<gpu>/, with gpu.log and stages.txt (how each stage ended). The
-# sweep's cache lands in results/<gpu>/tuning/ (commit it as autotune/defaults/) and the later stages
+# sweep's cache lands in results/<gpu>/tuning/ (commit it as lda_aqu/autotune/defaults/) and the later stages
 # use it. Nothing is installed: the machine's own torch and Triton run the project from this checkout.
 #
 # Without a GPU (or with --dry-run) it says so and dry-runs the plumbing in under a minute: each
@@ -54,7 +54,7 @@ if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     SLUG=cpu-dry-run
 else
-    SLUG=$("$PY" -m autotune.device)  # the bench's and the tuning cache's name of this GPU
+    SLUG=$("$PY" -m lda_aqu.autotune.device)  # the bench's and the tuning cache's name of this GPU
 fi
 RES=${RES:-results/$SLUG}
 mkdir -p "$RES"
@@ -99,7 +99,7 @@ stage() {
 if [ "$DRY" = 1 ]; then
     stage accuracy 60 "$PY" scripts/gpu_stages.py accuracy --out "$RES"
     stage bandwidth 30 "$PY" scripts/gpu_stages.py bandwidth --out "$RES"
-    stage sweep 60 "$PY" -m autotune sweep --quick --kernel-sizes 3 --dtype fp32 --variants fwd-train
+    stage sweep 60 "$PY" -m lda_aqu.autotune sweep --quick --kernel-sizes 3 --dtype fp32 --variants fwd-train
     stage bench-list 30 "$PY" bench.py --list --cases module --kernel-sizes 3 --scales 2 --shape 1 256 120 120
     stage tests-gpu-only 60 "$PY" -m pytest -q -rs -p no:cacheprovider -p no:xdist "${GPU_ONLY[@]}"
     stage tests-list 60 "$PY" -m pytest -q -p no:cacheprovider --collect-only
@@ -113,7 +113,7 @@ else
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     stage accuracy 30 "$PY" scripts/gpu_stages.py accuracy --out "$RES"
     stage bandwidth 15 "$PY" scripts/gpu_stages.py bandwidth --out "$RES"
-    stage sweep 90 "$PY" -m autotune sweep --quick --kernel-sizes 3 --dtype fp32 bf16
+    stage sweep 90 "$PY" -m lda_aqu.autotune sweep --quick --kernel-sizes 3 --dtype fp32 bf16
     stage bench-fpn-fp32 45 "$PY" bench.py --out "$RES/bench-fpn-fp32" --kernel-sizes 3 --scales 2 --dtype fp32 \
         --cases op module --torch-compile skip
     # -v: each test's outcome is logged as it ends, so a stage cut short still names its failures

@@ -48,9 +48,9 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def accuracy(out: str) -> int:
     """The public op (backend="triton") against the float64 eager reference, forward and every
     gradient, at FPN P2 (B=2, C=256, D=64, 100x152 -> 200x304, k_u=3, G=2, nh=1) in fp32 and bf16."""
-    from autotune.sweep import inputs
-    from kernels.launchers import Problem
-    from upsampler import deformable_local_attention
+    from lda_aqu.autotune.sweep import inputs
+    from lda_aqu.kernels.launchers import Problem
+    from lda_aqu.upsampler import deformable_local_attention
     pb = Problem(2, 64, 256, 100, 152, 200, 304, 2, 1, 9) if GPU else Problem(1, 4, 16, 5, 6, 10, 12, 2, 1, 9)
     problem = " ".join(f"{k}={v}" for k, v in pb._asdict().items())
     worst = 0.0
@@ -187,7 +187,7 @@ def table(out: str) -> int:
     for path in tuned:
         entries = json.load(open(path)).get("entries", {})
         lines.append(f"Sweep: {len(entries)} tuned buckets in `{os.path.relpath(path, out)}` (commit as "
-                     f"`autotune/defaults/{os.path.basename(path)}`).")
+                     f"`lda_aqu/autotune/defaults/{os.path.basename(path)}`).")
     for name, what in TEST_STAGES.items():
         if os.path.exists(os.path.join(out, f"{name}.log")):
             summary = [ln for ln in open(os.path.join(out, f"{name}.log")).read().splitlines()

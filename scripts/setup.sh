@@ -12,3 +12,6 @@ else
     .venv/bin/pip install -q -r requirements-cpu.txt
     .venv/bin/pip install -q --no-deps -e .
 fi
+# the checkout's root on this venv's path: tools that run by file from it import the former name
+# `upsampler` (upsampler.py, an alias of lda_aqu.upsampler; the wheel does not install it)
+echo "$PWD" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/lda_aqu_checkout.pth"

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
-from upsampler import cpu_cache  # noqa: E402
+from lda_aqu.upsampler import cpu_cache  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path (test_gpu_suite)
 import jit_semantics  # noqa: E402
@@ -65,7 +65,7 @@ def poison_empty(monkeypatch):
 @pytest.fixture
 def force_int64(monkeypatch):
     """Every launch addresses in 64 bits, as past 2**31 elements: the INT64 paths on small problems."""
-    import kernels.launchers as L
+    import lda_aqu.kernels.launchers as L
     needs = L._needs_int64
     state = {"on": False}
     monkeypatch.setattr(L, "_needs_int64", lambda *t: state["on"] or needs(*t))

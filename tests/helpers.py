@@ -95,7 +95,7 @@ def mode_problem(mode, coords, padding, offsets, kernel_size, G, nh, K, seed, dt
 
 def run_op(t, kw, size, backend, dout, deterministic=False):
     """local_upsample(**t, **kw) on fresh leaves and its backward from dout: (output, {name: gradient})."""
-    from upsampler import local_upsample
+    from lda_aqu.upsampler import local_upsample
     leaves = {n: x.detach().clone().requires_grad_(True) for n, x in t.items()}
     torch.use_deterministic_algorithms(deterministic)
     try:

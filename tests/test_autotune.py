@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 
-from autotune import cache, sweep
+from lda_aqu.autotune import cache, sweep
 from helpers import DEVICE
-from autotune.__main__ import main
-from autotune.space import MAX_REGISTERS, candidates, estimated_registers, spill_free, unpruned
-from kernels.launchers import Config, Problem, Spec, default_config
+from lda_aqu.autotune.__main__ import main
+from lda_aqu.autotune.space import MAX_REGISTERS, candidates, estimated_registers, spill_free, unpruned
+from lda_aqu.kernels.launchers import Config, Problem, Spec, default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PB = Problem(2, 64, 256, 100, 152, 200, 304, 2, 1, 9)
@@ -133,7 +133,7 @@ def test_spill_pruning_keeps_what_ptxas_keeps():
 
 
 def run_cli(*args, env):
-    return subprocess.run([sys.executable, "-m", "autotune", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lda_aqu.autotune", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -214,7 +214,7 @@ def test_a_missing_triton_internal_is_named_and_the_sweep_times_the_default(fres
     import triton
     import triton.compiler
 
-    from autotune import resources
+    from lda_aqu.autotune import resources
     monkeypatch.delattr(triton.compiler, "make_backend")
     pb = sweep.problems([3], [2], [(2, 1)], quick=True)[0]
     with pytest.raises(resources.MissingTritonInternal, match=rf"triton.compiler:make_backend, which Triton "
@@ -253,8 +253,8 @@ def test_reference_check_over_a_batch(K):
 
 def test_launcher_uses_the_cached_config(fresh_cache, monkeypatch):
     """On CUDA tensors the op asks the cache; what it gets is what the launcher runs."""
-    import upsampler.function as function
-    from kernels.launchers import Spec
+    import lda_aqu.upsampler.function as function
+    from lda_aqu.kernels.launchers import Spec
     seen = []
     monkeypatch.setattr(function, "upsample_fwd", lambda v, *a, config=None, **k: seen.append(config) or (v + 1, None))
     q, v = torch.randn(1, 4, 12, 12), torch.randn(1, 16, 6, 6)
@@ -281,7 +281,7 @@ def test_keys_name_every_variant():
 
 
 def _record_lookups(monkeypatch):
-    import upsampler.function as function
+    import lda_aqu.upsampler.function as function
     seen = []
     real = cache.lookup
     monkeypatch.setattr(function, "_tunable", lambda v: True)  # look up as on CUDA tensors
@@ -291,7 +291,7 @@ def _record_lookups(monkeypatch):
 
 
 def _ldaaqu_step(train, deterministic=False):
-    from upsampler import LDAAQU
+    from lda_aqu.upsampler import LDAAQU
     torch.manual_seed(0)
     m = LDAAQU(16, scale_factor=2, reduction_factor=4, k_u=3, n_groups=2, num_heads=1, backend="triton")
     x = torch.randn(1, 16, 3, 4, requires_grad=train)
@@ -311,7 +311,7 @@ def test_the_module_looks_up_what_the_sweep_tunes(monkeypatch):
     """Inference looks up the inference forward; a training step the forward that stores the weights
     and the backward (deterministic mode: its own): each a bucket of the sweep's plan. A winner tuned
     for the training forward reaches that launch only; the others run their defaults."""
-    import upsampler.function as function
+    import lda_aqu.upsampler.function as function
     seen = _record_lookups(monkeypatch)
     pb = Problem(1, 4, 16, 3, 4, 6, 8, 2, 1, 9)
     tuned = Config(16, 4, 8, 2, 1, False)

@@ -13,10 +13,10 @@ import torch
 
 import bench
 import bench_plots
-import upsampler.module
+from lda_aqu.upsampler import module as upsampler_module
 from helpers import seeded_randn
-from upsampler import cpu_cache
-from upsampler.official import official_forward
+from lda_aqu.upsampler import cpu_cache
+from lda_aqu.upsampler.official import official_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU grid's flags; a GPU runs the GPU grid")
@@ -140,7 +140,7 @@ def test_recomputed_offset_branch_keeps_less_and_matches_the_official_gradients(
     # against the graph torch.compile and export take (every branch output kept): at least the tanh's
     # [B*G, 2K, Ho, Wo] output and the GELU's [B*G, D/G, Ho, Wo] input less
     kept = bench.kept_for_backward(lambda: m(x))
-    monkeypatch.setattr(upsampler.module, "is_exporting", lambda: True)
+    monkeypatch.setattr(upsampler_module, "is_exporting", lambda: True)
     plain = bench.kept_for_backward(lambda: m(x))
     assert kept <= plain - (2 * 2 * 9 + 4) * 10 * 12 * 8
 

@@ -1,12 +1,12 @@
-"""CARAFE against its definition (mmcv's CARAFEPack semantics through unfold, upsampler/plain.py) in
+"""CARAFE against its definition (mmcv's CARAFEPack semantics through unfold, lda_aqu/upsampler/plain.py) in
 float64: forward and gradients, mmcv's state dicts and initialisation, exact sizes."""
 import pytest
 import torch
 from torch.func import functional_call
 
 from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err, seeded_randn, slow_except
-from upsampler import CARAFE, local_upsample
-from upsampler.plain import carafe_forward, carafe_reassemble
+from lda_aqu.upsampler import CARAFE, local_upsample
+from lda_aqu.upsampler.plain import carafe_forward, carafe_reassemble
 
 BACKENDS = backends_under_test()
 

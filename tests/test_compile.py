@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers import fresh_seed, rel_err, seeded_randn
-from upsampler import CARAFE, LDAAQU, DySample
-from upsampler.function import upsample_bwd_op, upsample_fwd_op
-from upsampler.official import official_state_dict
+from lda_aqu.upsampler import CARAFE, LDAAQU, DySample
+from lda_aqu.upsampler.function import upsample_bwd_op, upsample_fwd_op
+from lda_aqu.upsampler.official import official_state_dict
 
 BACKENDS = ("triton", "torch")
 # odd sizes that change both H and W

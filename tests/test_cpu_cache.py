@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from helpers import fresh_seed, seeded_randn
-from upsampler import LDAAQU, cpu_cache
-from kernels import cpu
+from lda_aqu.upsampler import LDAAQU, cpu_cache
+from lda_aqu.kernels import cpu
 
 MIB = 1 << 20
 SHAPE = (64, 64, 64)  # 1 MiB of fp32: the smallest block the cache takes

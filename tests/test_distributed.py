@@ -16,7 +16,7 @@ STEPS, BATCH = 3, 4
 
 
 def _model(seed):
-    from upsampler import FPN
+    from lda_aqu.upsampler import FPN
     torch.manual_seed(seed)
     m = FPN([8, 16], 8, upsampler="lda_aqu", upsampler_cfg=dict(reduction_factor=2, range_factor=2)).double()
     with torch.no_grad():  # learned offsets away from zero: every parameter gets a gradient

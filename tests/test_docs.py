@@ -11,7 +11,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # what a command writes (git-ignored), not what the repository holds
 OUTPUTS = ("results/cpu/", "results/demo/", "bench.csv", "targets.md", "profiles.txt", "compare.csv", "TABLE.md")
-TOP = ("scripts", "docs", "upsampler", "kernels", "autotune", "tests", "results")
+TOP = ("scripts", "docs", "lda_aqu", "tests", "results")
 
 
 def blocks(kind):

@@ -1,4 +1,4 @@
-"""DySample against its definition (the official grid_sample formulation, upsampler/plain.py) in
+"""DySample against its definition (the official grid_sample formulation, lda_aqu/upsampler/plain.py) in
 float64: forward and gradients, official state dicts and initialisation, exact sizes."""
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, rel_err, seeded_randn, slow_except
-from upsampler import DySample, local_upsample
-from upsampler.plain import dysample_forward, dysample_init_pos, dysample_offset
+from lda_aqu.upsampler import DySample, local_upsample
+from lda_aqu.upsampler.plain import dysample_forward, dysample_init_pos, dysample_offset
 
 BACKENDS = backends_under_test()
 

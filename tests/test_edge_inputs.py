@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import fresh_seed, make_problem, seeded_randn
-from upsampler import (CARAFE, FPN, LDAAQU, DySample, deformable_local_attention, interpolate, local_upsample)
-from upsampler.fpn import GUIDED, UPSAMPLERS
-from upsampler.naive import positions
+from lda_aqu.upsampler import (CARAFE, FPN, LDAAQU, DySample, deformable_local_attention, interpolate, local_upsample)
+from lda_aqu.upsampler.fpn import GUIDED, UPSAMPLERS
+from lda_aqu.upsampler.naive import positions
 
 BACKENDS = ("reference", "torch", "triton")
 MODULES = {

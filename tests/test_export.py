@@ -6,8 +6,8 @@ import torch
 from torch.export import Dim
 
 from helpers import fresh_seed, seeded_randn, slow_except
-from upsampler import CARAFE, FPN, LDAAQU, DySample
-from upsampler.fpn import GUIDED, UPSAMPLERS
+from lda_aqu.upsampler import CARAFE, FPN, LDAAQU, DySample
+from lda_aqu.upsampler.fpn import GUIDED, UPSAMPLERS
 
 MODULES = {
     "lda_aqu": lambda: LDAAQU(16, num_heads=2, range_factor=2),

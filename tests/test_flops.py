@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import upsampler
+import lda_aqu.upsampler as upsampler
 from helpers import seeded_randn
-from upsampler import LDAAQU, deformable_local_attention
+from lda_aqu.upsampler import LDAAQU, deformable_local_attention
 
 
 def expected_op_flops(B, C, D, Ho, Wo, K, rpb):
@@ -19,7 +19,7 @@ def expected_op_flops(B, C, D, Ho, Wo, K, rpb):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("rpb", [True, False])
 def test_flop_counter_counts_the_op(backend, rpb):
-    import upsampler.flops  # noqa: F401  registers the formulas
+    import lda_aqu.upsampler.flops  # noqa: F401  registers the formulas
     B, C, D, H, W, Ho, Wo, G, k_u = 2, 8, 4, 3, 4, 6, 7, 2, 3
     K = k_u * k_u
     g = torch.Generator().manual_seed(0)

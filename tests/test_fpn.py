@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import backends_under_test, fresh_seed, rel_err, seeded_randn
-from upsampler import FPN, LDAAQU
-from upsampler.official import official_forward, official_state_dict
-from upsampler.plain import carafe_forward
+from lda_aqu.upsampler import FPN, LDAAQU
+from lda_aqu.upsampler.official import official_forward, official_state_dict
+from lda_aqu.upsampler.plain import carafe_forward
 
 BACKENDS = backends_under_test()
 UPSAMPLERS = ["nearest", "bilinear", "carafe", "dysample", "lda_aqu"]

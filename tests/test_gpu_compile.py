@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from autotune.resources import Job, compile_reports, sass_summary, shortfalls
-from kernels.launchers import Problem
+from lda_aqu.autotune.resources import Job, compile_reports, sass_summary, shortfalls
+from lda_aqu.kernels.launchers import Problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +100,7 @@ def test_float64_and_int64_paths_compile(job, reports):
 @pytest.mark.slow
 @pytest.mark.parametrize("job", OP, ids=name)
 def test_launcher_driver_launches_what_the_op_launches(job, reports):
-    """autotune.resources.drive_launchers (what tuning and these tests compile) specialises each
+    """lda_aqu.autotune.resources.drive_launchers (what tuning and these tests compile) specialises each
     kernel exactly as the public op launches it."""
     assert [r.spec for r in reports[job._replace(via_op=False)]] == [r.spec for r in reports[job]]
 
@@ -110,14 +110,14 @@ def test_launcher_driver_launches_what_the_op_launches(job, reports):
 def test_compiled_efficiency_at_fpn_p2(job, reports):
     """What the GPU runs for every kernel the op launches at FPN P2: no fences and no returning
     atomics (a reduction is a relaxed RED), nothing in local memory, and at least MIN_WIDE of the
-    global-load bytes from loads of 64 bits or wider (`python -m autotune inspect` shows them)."""
+    global-load bytes from loads of 64 bits or wider (`python -m lda_aqu.autotune inspect` shows them)."""
     bad = [f"{r.phase} {r.kernel}: {', '.join(shortfalls(r))}" for r in reports[job] if shortfalls(r)]
     assert not bad, "; ".join(bad)
 
 
 @pytest.mark.slow
 def test_inspect_prints_every_launch(reports):
-    """`python -m autotune inspect` (through the public op) shows the launches and figures of the
+    """`python -m lda_aqu.autotune inspect` (through the public op) shows the launches and figures of the
     default configurations at FPN P2; the module's compiles above leave Triton's cache warm."""
     r = subprocess.run([sys.executable, "-m", "autotune", "inspect", "--dtype", "fp32"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)

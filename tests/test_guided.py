@@ -1,5 +1,5 @@
 """SAPA, SAPADeform and FADE (tiny-smart/detection-with-upsamplers) against plain-PyTorch re-derivations of
-the official forwards (upsampler/plain.py: SAPA's unfold + einsum forward check, SAPADeform's grid_sample
+the official forwards (lda_aqu/upsampler/plain.py: SAPA's unfold + einsum forward check, SAPADeform's grid_sample
 one, FADE's SemiShift with mmcv's CARAFE reassembly), in float64: the output and every gradient, inputs and
 parameters, on every backend; the guided FPN_UPSAMPLE and the released configs; the official key sets loading
 strictly, the official initialisation, exports, bad inputs."""
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, seeded_randn, slow_except
-from upsampler import FADE, FPN_UPSAMPLE, SAPA, SAPADeform
-from upsampler.plain import conv as _conv
-from upsampler.plain import fade_forward, sapa_forward, sapadeform_forward
+from lda_aqu.upsampler import FADE, FPN_UPSAMPLE, SAPA, SAPADeform
+from lda_aqu.upsampler.plain import conv as _conv
+from lda_aqu.upsampler.plain import fade_forward, sapa_forward, sapadeform_forward
 
 BACKENDS = tuple(dict.fromkeys(backends_under_test() + ("reference",)))
 

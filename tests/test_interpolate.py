@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_matches_with_grads, backends_under_test, fresh_seed, seeded_randn
-from upsampler import interpolate
+from lda_aqu.upsampler import interpolate
 
 BACKENDS = backends_under_test()
 MODES = [("nearest", None), ("bilinear", True), ("bilinear", False)]

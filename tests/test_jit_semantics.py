@@ -10,7 +10,7 @@ import triton.language as tl
 import jit_semantics
 from helpers import fresh_seed, mode_problem, rel_err, run_op, seeded_randn
 from jit_semantics import JitSemanticsError
-from kernels.launchers import split_float
+from lda_aqu.kernels.launchers import split_float
 
 pytestmark = pytest.mark.skipif(not jit_semantics.enabled() or torch.cuda.is_available(),
                                 reason="the harness patches the interpreter (LDA_AQU_JIT_SEMANTICS=0 turns it off)")

@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 
-import kernels.launchers as L
-from kernels.launchers import MAX_GRID_X, MAX_GRID_YZ, Spec, upsample_bwd, upsample_fwd
+import lda_aqu.kernels.launchers as L
+from lda_aqu.kernels.launchers import MAX_GRID_X, MAX_GRID_YZ, Spec, upsample_bwd, upsample_fwd
 
 KERNELS = ("upsample_fwd_kernel", "upsample_bwd_kernel", "upsample_bwd_gather_kernel", "upsample_drpb_kernel")
 
@@ -134,7 +134,7 @@ def test_launches_go_to_the_tensors_device():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_a_module_on_the_second_gpu():
     from helpers import seeded_randn
-    from upsampler import LDAAQU
+    from lda_aqu.upsampler import LDAAQU
     torch.manual_seed(0)
     m = LDAAQU(32, backend="triton").to("cuda:0")
     x = seeded_randn(2, 32, 12, 16, generator=torch.Generator().manual_seed(0), device="cuda:0")

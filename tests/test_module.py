@@ -5,9 +5,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import DEVICE, fresh_seed, rel_err, seeded_randn
-from upsampler.official import official_forward, official_offsets, official_state_dict
-from upsampler import LDAAQU
-from upsampler.module import BilinearAlignCorners
+from lda_aqu.upsampler.official import official_forward, official_offsets, official_state_dict
+from lda_aqu.upsampler import LDAAQU
+from lda_aqu.upsampler.module import BilinearAlignCorners
 
 
 def official_shapes(C, r=4, G=2, nh=1, k_u=3, k_e=3, rpb=True):
@@ -49,7 +49,7 @@ def test_init_weights_is_official():
 
 def op_inputs(m, x):
     """Run m(x) and return its output and the arguments it gave the core op."""
-    import upsampler.module as mod
+    import lda_aqu.upsampler.module as mod
     real, seen = mod.deformable_local_attention, {}
 
     def spy(*args, **kw):
@@ -168,7 +168,7 @@ def test_sampling_offsets_are_the_official(grad, monkeypatch):
     C, s, k_u, G, nh, r, H, W = CONFIGS["k_u=5,G=4,nh=2,s=1.5"]
     m, x, sd = build("k_u=5,G=4,nh=2,s=1.5", "torch", seed, dtype=torch.float64)
     if grad == "bands":
-        monkeypatch.setattr("upsampler.module.OFFSET_BAND_BYTES", 1)
+        monkeypatch.setattr("lda_aqu.upsampler.module.OFFSET_BAND_BYTES", 1)
         grad = False
         x = torch.cat([x, x.flip(-2)], -2)  # rows enough for several bands
     with torch.set_grad_enabled(grad):
@@ -185,7 +185,7 @@ def test_offset_bands_in_training_give_the_official_gradients(monkeypatch):
     seed = fresh_seed()
     C, s, k_u, G, nh, r, H, W = CONFIGS["k_u=5,G=4,nh=2,s=1.5"]
     m, x, _ = build("k_u=5,G=4,nh=2,s=1.5", "torch", seed, dtype=torch.float64)
-    monkeypatch.setattr("upsampler.module.OFFSET_BAND_BYTES", 1)
+    monkeypatch.setattr("lda_aqu.upsampler.module.OFFSET_BAND_BYTES", 1)
     x = torch.cat([x, x.flip(-2), x], -2).requires_grad_()  # 15 rows: 22 output rows
     sd = dict(m.named_parameters())
     grads = []
@@ -226,7 +226,7 @@ def test_autocast_bf16():
     assert out.dtype == torch.bfloat16
     args = [a.detach().double() if a is not None else None for a in seen["args"]]
     kw = dict(seen["kw"], backend="reference")
-    from upsampler import deformable_local_attention
+    from lda_aqu.upsampler import deformable_local_attention
     assert rel_err(out, deformable_local_attention(*args, **kw)) < 1e-2, f"seed={seed}"
     out.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

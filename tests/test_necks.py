@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import backends_under_test, fresh_seed, rel_err, seeded_randn, slow_except
-from upsampler import FPN_LAU, FPN_UPSAMPLE, DySample, neck_state_dict
-from upsampler.official import official_forward, official_state_dict
-from upsampler.plain import carafe_forward, dysample_forward, dysample_init_pos
+from lda_aqu.upsampler import FPN_LAU, FPN_UPSAMPLE, DySample, neck_state_dict
+from lda_aqu.upsampler.official import official_forward, official_state_dict
+from lda_aqu.upsampler.plain import carafe_forward, dysample_forward, dysample_init_pos
 
 BACKENDS = tuple(dict.fromkeys(backends_under_test() + ("reference",)))
 
@@ -491,7 +491,7 @@ def test_configs_build_through_mmengine():
     pytest.importorskip("mmengine", reason="the mm extra (pip install lda-aqu[mm])")
     from mmengine.registry import MODELS, Registry
     from mmengine.utils import import_modules_from_strings
-    import_modules_from_strings(["upsampler"])
+    import_modules_from_strings(["lda_aqu"])
     child = Registry("model", parent=MODELS, scope="lda_aqu_test_necks")
     for registry in (MODELS, child):
         for cls, cfg, _, key_set in (RELEASED["lda_aqu"], RELEASED["dysample"]):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import fresh_seed, make_problem, rel_err, slow_except, upcast
-from upsampler import deformable_local_attention, deformable_local_attention_ref
+from lda_aqu.upsampler import deformable_local_attention, deformable_local_attention_ref
 
 # (B, D, C, H, W, scale, G, nh, k_u, spread): every k_u, G, nh and scale of the issue, odd sizes
 CASES = {
@@ -46,7 +46,7 @@ def test_forward_matches_reference(case, dtype, backend):
 @pytest.mark.parametrize("rpb", [True, False])
 def test_forward_int64_indexing_path(rpb):
     """The int64 offsets used past 2**31 elements compute the same thing (forced on a small map)."""
-    from kernels.launchers import Spec, upsample_fwd
+    from lda_aqu.kernels.launchers import Spec, upsample_fwd
     seed = fresh_seed()
     t, kw = make_problem(*CASES["default"], seed=seed, rpb=rpb)
     spec = Spec(kw["num_groups"], kw["num_heads"], 9, scale=(8 // kw["num_heads"]) ** -0.5)
@@ -57,7 +57,7 @@ def test_forward_int64_indexing_path(rpb):
 
 
 def test_int64_is_chosen_past_int32():
-    from kernels.launchers import _needs_int64
+    from lda_aqu.kernels.launchers import _needs_int64
     assert not _needs_int64(torch.empty(2, 256, 4096, 2047, device="meta"))
     assert _needs_int64(torch.empty(2, 256, 4096, 2049, device="meta"))  # > 2**31 in one batch element
     assert not _needs_int64(torch.empty(2**20, 16, 16, 16, device="meta"))  # batch offsets are int64 anyway

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import fresh_seed, make_problem, rel_err, seeded_randn, slow_except, upcast
-from upsampler import deformable_local_attention
+from lda_aqu.upsampler import deformable_local_attention
 
 NAMES = ("q", "k", "v", "offset", "rpb")
 # (B, D, C, H, W, scale, G, nh, k_u, spread)

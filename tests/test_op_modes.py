@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from helpers import fresh_seed, mode_problem, rel_err, run_op, seeded_randn, slow_except
-from kernels.launchers import Config
-from upsampler import local_upsample
+from lda_aqu.kernels.launchers import Config
+from lda_aqu.upsampler import local_upsample
 
 # name: (mode, coords, padding, offsets?, kernel_size, G, nh, K); C=8, 5x7 -> 10x13
 MODES = {
@@ -59,7 +59,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", slow_except(list(CONFIGS), "attention, align-corners, border, window + offsets"))
 def test_non_default_configs_compute_the_same(name, monkeypatch):
     """Forward and both backwards of each mode under a configuration the defaults never use."""
-    import upsampler.function as Fn
+    import lda_aqu.upsampler.function as Fn
     monkeypatch.setattr(Fn, "_config", lambda *a, **k: CONFIGS[name])
     seed = fresh_seed()
     t, kw, size = mode_problem(*MODES[name], seed=seed, dims=SMALL)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, make_problem
-from upsampler import deformable_local_attention
+from lda_aqu.upsampler import deformable_local_attention
 
 
 def args(device=DEVICE, **change):
@@ -59,16 +59,16 @@ def test_ambiguous_groups_need_num_groups():
 
 
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
-    import kernels.launchers
-    monkeypatch.setattr(kernels.launchers, "INTERPRET", False)
+    from lda_aqu.kernels import launchers
+    monkeypatch.setattr(launchers, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         call(args(device="cpu"))
     assert call(args(device="cpu", backend="auto")).shape == (1, 16, 8, 10)  # auto takes the torch path on CPU
 
 
 def test_auto_picks_torch_on_cpu():
-    from kernels.launchers import INTERPRET
-    from upsampler import select_backend
+    from lda_aqu.kernels.launchers import INTERPRET
+    from lda_aqu.upsampler import select_backend
     t = torch.randn(1, device="cpu")
     assert select_backend("auto", t) == "torch"
     if INTERPRET:  # the tests' interpreter takes CPU tensors (a GPU run compiles instead)

@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from helpers import fresh_seed, seeded_randn
-from upsampler import CARAFE, LDAAQU, DySample, local_upsample
-from upsampler import function  # noqa: F401  (registers the Triton ops, else imported on first use)
+from lda_aqu.upsampler import CARAFE, LDAAQU, DySample, local_upsample
+from lda_aqu.upsampler import function  # noqa: F401  (registers the Triton ops, else imported on first use)
 
 B, C, H, W = 1, 8, 5, 6  # upsampled 2x: 10x12
 

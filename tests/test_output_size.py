@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-from upsampler import LDAAQU
+from lda_aqu.upsampler import LDAAQU
 
 SCALES = [1.4, 0.7, 0.3, 2.6, 2.0, 4.0, 1.5, 1.1, 0.9, 3.3, 1 / 3, 1.7]
 

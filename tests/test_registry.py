@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-import upsampler
-
+import lda_aqu.upsampler as upsampler
 mmengine = pytest.importorskip("mmengine", reason="the mm extra (pip install lda-aqu[mm]); scripts/test.sh installs it")
 from mmengine.registry import MODELS, Registry  # noqa: E402
 

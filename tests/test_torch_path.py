@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from helpers import fresh_seed, rel_err, seeded_randn
-from upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
-from upsampler import torch_path
-from kernels import cpu, layout
+from lda_aqu.upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
+from lda_aqu.upsampler import torch_path
+from lda_aqu.kernels import cpu, layout
 
 # (B, C, H, W, size, G, nh, kernel_size): odd sizes, groups and heads crossing unevenly, Ho = 1
 GEOMETRY = {
@@ -23,7 +23,7 @@ MODES = ["attention", "logits", "weights", "unit"]
 
 @pytest.fixture(params=["native", "gathers"])
 def impl(request, monkeypatch):
-    """The CPU op's two forms: the native kernels (kernels/local_upsample_cpu.cpp) and, where they cannot
+    """The CPU op's two forms: the native kernels (lda_aqu/kernels/local_upsample_cpu.cpp) and, where they cannot
     build, the gathers (embedding_bag, sampled_addmm)."""
     if request.param == "native":
         if cpu.unavailable():
@@ -214,7 +214,7 @@ def test_native_layout_matches_ctypes():
 
 
 def test_native_layout_drift_is_refused(monkeypatch, tmp_path):
-    """A library whose Problem differs from kernels/cpu.py's _Problem (two fields swapped in the C++, or a
+    """A library whose Problem differs from lda_aqu.kernels/cpu.py's _Problem (two fields swapped in the C++, or a
     field added to the ctypes copy alone) is not called: unavailable() names the field, and the op runs the
     gathers."""
     if cpu.unavailable():
@@ -358,7 +358,7 @@ def test_native_layer_norm_trains_as_torchs(shape):
     """The channels' layer norm in eager CPU training is the native pass with its native backward: float64
     value and every gradient as F.layer_norm's, fp32 within 4x torch's own fp32 error, 1 and 2 threads
     alike bit for bit, and autograd keeps x and the weight alone (pixels off the 64-pixel blocks, odd C)."""
-    from upsampler.module import _layer_norm_channels
+    from lda_aqu.upsampler.module import _layer_norm_channels
     if cpu.unavailable():
         pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
     seed = fresh_seed()

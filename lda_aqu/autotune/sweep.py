@@ -16,9 +16,9 @@ from typing import Iterable, NamedTuple, Optional
 import torch
 from triton.runtime.errors import OutOfResources
 
-from kernels.launchers import INTERPRET, Config, Problem, Spec, default_config, upsample_bwd, upsample_fwd
-from kernels.layout import DTYPES as ALL_DTYPES
-from upsampler.naive import deformable_local_attention_ref
+from ..kernels.launchers import INTERPRET, Config, Problem, Spec, default_config, upsample_bwd, upsample_fwd
+from ..kernels.layout import DTYPES as ALL_DTYPES
+from ..upsampler.naive import deformable_local_attention_ref
 
 from . import cache
 from .resources import MissingTritonInternal

@@ -24,8 +24,8 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from kernels.launchers import INTERPRET, Config, Problem, Spec
-from kernels.layout import dtype_name
+from ..kernels.launchers import INTERPRET, Config, Problem, Spec
+from ..kernels.layout import dtype_name
 
 from .device import slug
 
@@ -57,7 +57,7 @@ class Variant(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_source_hash(package: str = "kernels") -> str:
+def kernel_source_hash(package: str = __package__.rpartition(".")[0] + ".kernels") -> str:
     """sha256 (16 hex digits) of the source of every @triton.jit function in the package's modules:
     any edit of a kernel invalidates what was tuned for it."""
     h = hashlib.sha256()

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from kernels.launchers import Problem, Spec, upsample_bwd, upsample_fwd
-from kernels.layout import acc_dtype, neighbours, weight_mode
+from ..kernels.launchers import Problem, Spec, upsample_bwd, upsample_fwd
+from ..kernels.layout import acc_dtype, neighbours, weight_mode
 
 from .torch_path import refuse_double_backward
 
@@ -22,7 +22,7 @@ def _config(kernel: str, v, size, q, offset, rpb, spec: Spec):
     launcher's default) off CUDA or where that variant was never tuned."""
     if not _tunable(v):
         return None
-    from autotune.cache import Variant, lookup  # lazy: the cache file is read on first use only
+    from ..autotune.cache import Variant, lookup  # lazy: the cache file is read on first use only
     return lookup(Problem.of(v, size, q, spec), v.dtype, Variant.of(kernel, spec, offset, rpb), v.device)
 
 

@@ -229,7 +229,7 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     dk = alloc(pb.B, pb.H, pb.W, pb.D, dtype=acc_t, device=dev).permute(0, 3, 1, 2) if attention else None
     dv = alloc(pb.B, pb.H, pb.W, pb.C, dtype=acc_t, device=dev).permute(0, 3, 1, 2)
     # -1 (outside) until the kernel writes it: the host-side sort never meets garbage, even where the
-    # launch is only recorded, not run (autotune/resources.py)
+    # launch is only recorded, not run (lda_aqu/autotune/resources.py)
     tgt = torch.full((pb.B, pb.G, pb.K, 4, P), -1, dtype=torch.int32, device=dev) if deterministic else None
     cw = torch.empty(pb.B, pb.G, pb.K, 4, P, dtype=acc_t, device=dev) if deterministic else None
     int64 = force_int64 or _needs_int64(q, k, v, off_c, dout, dq, dk, dv, doff, saved, tgt)

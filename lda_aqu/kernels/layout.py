@@ -52,7 +52,7 @@ def neighbours(offset, rpb, logits, weights, kernel_size, G: int) -> int:
 
 
 # Sample geometry of the runtime paths (the torch path, the module's q upsampling). The eager reference
-# (upsampler/naive.py) derives its own, so that a slip here fails the tests instead of passing both.
+# (lda_aqu/upsampler/naive.py) derives its own, so that a slip here fails the tests instead of passing both.
 
 def unit_align_corners(n_in, n_out):
     """Input pixels per output pixel under align_corners=True; 0 for a one-pixel output."""

@@ -2,7 +2,7 @@
 
     out[b, c, p] = sum_n w[b, h(c), n, p] * bilinear(v[b, c], pos[b, g(c), n, p])
 
-Naive reference beside them: `upsampler/naive.py::local_upsample_ref`.
+Naive reference beside them: `lda_aqu/upsampler/naive.py::local_upsample_ref`.
 
 Every program owns one batch element and a tile of BLOCK_P output pixels. Channels are walked in
 *segments*: the intersection of one offset group g with one head h, so that each segment has one

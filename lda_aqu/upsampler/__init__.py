@@ -22,6 +22,6 @@ def __getattr__(name):
     if name in ("profile", "count_flops", "op_flops"):
         from . import flops
         return getattr(flops, name)
-    raise AttributeError(f"module 'upsampler' has no attribute {name!r}")
+    raise AttributeError(f"module 'lda_aqu.upsampler' has no attribute {name!r}")
 
 register_mmengine()

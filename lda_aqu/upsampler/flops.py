@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
-from kernels.layout import neighbours
+from ..kernels.layout import neighbours
 
 from . import function as _function  # noqa: F401  (registers lda_aqu::upsample_fwd/bwd)
 from . import torch_path as _torch_path  # noqa: F401  (registers lda_aqu::local_upsample_cpu[_bwd])

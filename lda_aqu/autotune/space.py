@@ -7,7 +7,7 @@ import itertools
 
 import triton
 
-from kernels.launchers import Config, Problem
+from ..kernels.launchers import Config, Problem
 
 from .resources import evaluate
 

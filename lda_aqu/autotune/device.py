@@ -1,5 +1,5 @@
 """The one name of a device in paths: results/<slug>/ (bench.py, scripts/gpu.sh) and the tuning
-cache's file names (autotune/cache.py). Imports nothing of the project, so a shell can ask cheaply."""
+cache's file names (lda_aqu/autotune/cache.py). Imports nothing of the project, so a shell can ask cheaply."""
 import re
 
 import torch

@@ -100,7 +100,7 @@ def _library() -> tuple[Optional[ctypes.CDLL], str]:
     lib = ctypes.CDLL(str(path))
     lib.lu_problem_layout.restype = ctypes.c_char_p
     if why := _layout_mismatch(lib.lu_problem_layout().decode()):
-        return None, f"{path.name} does not match kernels/cpu.py's _Problem: {why}"
+        return None, f"{path.name} does not match lda_aqu/kernels/cpu.py's _Problem: {why}"
     for name in ("lu_forward_f32", "lu_forward_f64", "lu_backward_f32", "lu_backward_f64"):
         getattr(lib, name).argtypes = [ctypes.POINTER(_Problem)]
         getattr(lib, name).restype = None

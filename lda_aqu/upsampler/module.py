@@ -15,8 +15,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .functional import (FLOAT_DTYPES, _check_extent, autocast_available, autocasting, check_backend,
                          deformable_local_attention, empty_output, not_scriptable, refuse_jit)
-from kernels import cpu as _cpu
-from kernels.layout import unit_align_corners
+from ..kernels import cpu as _cpu
+from ..kernels.layout import unit_align_corners
 
 from . import cpu_cache
 

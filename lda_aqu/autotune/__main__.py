@@ -1,4 +1,4 @@
-"""python -m autotune sweep|show|clear|inspect: tune offline, look up at run time, read the compiled code."""
+"""python -m lda_aqu.autotune sweep|show|clear|inspect: tune offline, look up at run time, read the compiled code."""
 import argparse
 import itertools
 import json
@@ -11,14 +11,14 @@ import torch
 if not torch.cuda.is_available():  # the kernels can then only run through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.launchers import Problem  # noqa: E402
+from ..kernels.launchers import Problem  # noqa: E402
 
 from . import cache  # noqa: E402
 from .sweep import ALL_DTYPES, DTYPES, VARIANTS  # noqa: E402
 
 
 def _sweep(args):
-    from kernels.launchers import INTERPRET
+    from ..kernels.launchers import INTERPRET
 
     from .sweep import sweep
     if INTERPRET:
@@ -128,7 +128,7 @@ def _odd(text):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m autotune", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m lda_aqu.autotune", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     gpu = torch.cuda.is_available()
     sw = sub.add_parser("sweep", help="time the search space per shape bucket and cache the winners")

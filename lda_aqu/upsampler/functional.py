@@ -17,7 +17,7 @@ TRITON_DTYPES = FLOAT_DTYPES
 
 def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:
     """None if the Triton backend can take these tensors, else why not."""
-    from kernels.launchers import INTERPRET
+    from ..kernels.launchers import INTERPRET
     dev = tensors[0].device
     if dev.type == "cpu" and not INTERPRET:
         return "CPU tensors run Triton kernels only under TRITON_INTERPRET=1, set before importing lda-aqu"

@@ -1,6 +1,6 @@
 """The pure-PyTorch backend of `local_upsample`: fast on CPU, plain torch elsewhere and under export.
 
-On CPU the op runs native kernels (kernels/local_upsample_cpu.cpp, built on first use: kernels.cpu).
+On CPU the op runs native kernels (lda_aqu/kernels/local_upsample_cpu.cpp, built on first use: kernels.cpu).
 Where they cannot build, it is a sparse product. Each output pixel p of offset group g reads 4 bilinear corners of
 K samples, J = 4K (input row, weight) pairs, so with channels-last tables of the inputs:
 
@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu as _cpu, layout as _layout
-from kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, sample_origins, segments as _segments,
+from ..kernels import cpu as _cpu, layout as _layout
+from ..kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, sample_origins, segments as _segments,
                             weight_mode, window_offsets)
 
 from . import cpu_cache

@@ -10,4 +10,4 @@ def __getattr__(name):
     if name in __all__:
         from . import launchers
         return getattr(launchers, name)
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    raise AttributeError(f"module 'lda_aqu.kernels' has no attribute {name!r}")

@@ -31,8 +31,8 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 import triton
 
-from kernels.launchers import INTERPRET, Config, Problem
-from kernels.layout import DTYPES, acc_dtype
+from ..kernels.launchers import INTERPRET, Config, Problem
+from ..kernels.layout import DTYPES, acc_dtype
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -55,7 +55,7 @@ def internal(path: str):
         for name in attrs.split("."):
             found = getattr(found, name)
     except (ImportError, AttributeError) as e:
-        raise MissingTritonInternal(f"autotune.resources needs Triton's {path}, which Triton {triton.__version__} "
+        raise MissingTritonInternal(f"lda_aqu.autotune.resources needs Triton's {path}, which Triton {triton.__version__} "
                                     f"lacks ({type(e).__name__}: {e}); launches cannot be compiled as its JIT "
                                     "would compile them") from None
     return found
@@ -66,7 +66,7 @@ def check_internals() -> None:
     for path in INTERNALS:
         internal(path)
     if not os.path.exists(os.path.join(BIN, "cuobjdump")):
-        raise MissingTritonInternal(f"autotune.resources needs the cuobjdump that Triton ships in {BIN}, which "
+        raise MissingTritonInternal(f"lda_aqu.autotune.resources needs the cuobjdump that Triton ships in {BIN}, which "
                                     f"Triton {triton.__version__} lacks")
 
 
@@ -157,7 +157,7 @@ def drive_launchers(pb: Problem, dtype: torch.dtype, config: Optional[Config], d
     direction of the op (its weight mode `pb.weights`, driven as MODES says) through
     `kernels.launchers` on CPU tensors of the problem's real shapes, yielding the phase of the
     launches made since the last yield."""
-    from kernels.launchers import Spec, upsample_bwd, upsample_fwd
+    from ..kernels.launchers import Spec, upsample_bwd, upsample_fwd
     acc = acc_dtype(dtype)
     q, k, v, offset, rpb, wts = _inputs(pb, dtype)
     coords, padding, window, _ = MODES[pb.weights]
@@ -180,8 +180,8 @@ def drive_launchers(pb: Problem, dtype: torch.dtype, config: Optional[Config], d
 def drive_op(pb: Problem, dtype: torch.dtype, direction: str, deterministic: bool = False) -> Iterator[Optional[str]]:
     """The launches of the public op, as a user runs it with backend="triton" (its own choice of
     kernels and configurations), on CPU tensors with the op's CPU refusal bypassed."""
-    import upsampler.functional as F
-    from upsampler import deformable_local_attention
+    from ..upsampler import functional as F
+    from ..upsampler import deformable_local_attention
     x = [t.requires_grad_() for t in _inputs(pb, dtype)[:5]]
 
     def op():
@@ -332,11 +332,11 @@ def _compile(launch: Launch) -> Report:
 def _pool_context():
     """Forked workers start at once. A process holding a CUDA context (the sweep's) must not fork:
     its workers come from a server that imported this module (and its main module must be
-    import-safe, as `python -m autotune` is)."""
+    import-safe, as `python -m lda_aqu.autotune` is)."""
     if not torch.cuda.is_initialized():
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["autotune.resources"])
+    ctx.set_forkserver_preload(["lda_aqu.autotune.resources"])
     return ctx
 
 
@@ -368,7 +368,7 @@ def compile_reports(jobs: list[Job]) -> list[list[Report]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-m", "autotune.resources"], input=json.dumps([_to_json(j) for j in jobs]),
+    run = subprocess.run([sys.executable, "-m", "lda_aqu.autotune.resources"], input=json.dumps([_to_json(j) for j in jobs]),
                          capture_output=True, text=True, env=env)
     if run.returncode == MISSING:
         raise MissingTritonInternal(run.stderr.strip().splitlines()[-1])
@@ -388,7 +388,7 @@ def evaluate(pb: Problem, dtype: str, direction: str, configs: list[Config], cc:
 MISSING = 3  # the child's exit status for MissingTritonInternal, its message the last line of stderr
 
 if __name__ == "__main__":
-    from autotune import resources  # the importable module, whose functions the workers can unpickle
+    from ..autotune import resources  # the importable module, whose functions the workers can unpickle
     try:
         found = resources.compile_reports([resources._from_json(d) for d in json.load(sys.stdin)])
     except resources.MissingTritonInternal as e:
