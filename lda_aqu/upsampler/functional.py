@@ -8,7 +8,7 @@ import torch
 
 from ..kernels.layout import ratio_box
 from .naive import COORDS, PADDINGS, WINDOWS, local_upsample_ref
-from .torch_path import is_exporting, local_upsample_torch
+from .torch_path import averages_heads, is_exporting, local_upsample_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 # the floating dtypes the modules take, every one of which the kernels take too
@@ -120,7 +120,7 @@ def _is_int(x) -> bool:
 
 
 def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, coords,
-                   padding, first: str = "v"):
+                   padding, first: str = "v", average_heads: bool = False):
     """(G, nh, K) of a local_upsample call, or a ValueError/TypeError naming the argument. `first`: the
     argument whose device and dtype the others must have (the caller's first tensor)."""
     _floating("v", v)
@@ -197,7 +197,7 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
             raise ValueError(f"q has no channels: shape {tuple(q.shape)}")
         if D % nh:
             raise ValueError(f"num_heads={nh} must divide q's {D} channels")
-    if C % nh:
+    if C % nh and not average_heads:  # averaged heads weight every channel alike
         raise ValueError(f"num_heads={nh} must divide v's {C} channels")
     if len(set(Ks.values())) > 1:
         raise ValueError(f"the neighbour count K disagrees between arguments: {Ks}")
@@ -340,7 +340,7 @@ def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_s
             t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
             for t in (v, offset, q, k, rpb, logits, weights))
     G, nh, K = _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads,
-                              coords, padding, first)
+                              coords, padding, first, average_heads is True)
     window, ratio, box = _check_window(v, size, offset, q, rpb, kernel_size, coords, window, window_ratio,
                                        average_heads)
     if window != "centered":  # a window's positions are input pixels, whole ones
@@ -352,7 +352,8 @@ def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_s
     _check_scale(scale)
     if v.shape[0] == 0:
         return empty_output((0, v.shape[1], *size), v, offset, q, k, rpb, logits, weights)
-    if average_heads and nh > 1 and select_backend(backend, v) != "reference":
+    chosen = select_backend(backend, v)
+    if average_heads and nh > 1 and chosen != "reference" and not (chosen == "torch" and averages_heads(v, q, k)):
         # the mean of the heads' weighted sums, each head over all of v: the heads' weights averaged
         out = None
         for h, (qh, kh) in enumerate(zip(q.chunk(nh, 1), k.chunk(nh, 1))):
@@ -395,7 +396,7 @@ def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, box,
     if chosen == "torch":
         return local_upsample_torch(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
                                     kernel_size=box, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                    padding=padding, window=window, ratio=ratio)
+                                    padding=padding, window=window, ratio=ratio, average_heads=average_heads and nh > 1)
     from .function import local_upsample_triton
     return local_upsample_triton(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
                                  kernel_size=box, num_groups=G, num_heads=nh, scale=scale, coords=coords,

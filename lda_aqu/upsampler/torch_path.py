@@ -191,32 +191,35 @@ def _coef(pairs, w, g, h):
     return pairs.bw[g] if w is None else pairs.bw[g] * w[h].unsqueeze(-1)
 
 
-def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc):
+def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc,
+                 mean_heads=False):
     """The native kernels' description of the problem: mode, groups, heads, K, channel runs, grid."""
     mode = weight_mode(q, logits, weights)
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     return _native_geometry(mode, *v.shape[1:], *size, kernel_size, K, G, nh, 0 if q is None else q.shape[1], coords,
-                            window, ratio, acc)
+                            window, ratio, acc, mean_heads)
 
 
 @functools.lru_cache(maxsize=256)
-def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, window, ratio, acc):
+def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, window, ratio, acc, mean_heads):
     # per call this would be a dozen small tensor ops: as much as the kernel itself on a 16x16 map
     (y0, uy), (x0, ux) = (window_origins(n, m, coords, window, kernel_size, ratio, acc, "cpu")
                           for n, m in ((H, Ho), (W, Wo)))
-    segs, qsegs = _segments(C, G, nh), _segments(Dq, G, nh) if Dq else []
+    segs, qsegs = _segments(C, G, 1 if mean_heads else nh), _segments(Dq, G, nh) if Dq else []
     extents = (window_extents(H, Ho, ratio), window_extents(W, Wo, ratio)) if window == "ratio" else None
     return dict(mode=mode, G=G, nh=nh, K=K, segs=segs, qsegs=qsegs, origins=(y0, x0),
                 base=window_offsets(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)),
-                grid=kernel_size or 1, extents=extents)
+                grid=kernel_size or 1, extents=extents, mean_heads=mean_heads)
 
 
 def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, window, ratio,
-             keep=True):
-    """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none."""
+             keep=True, mean_heads=False):
+    """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none;
+    mean_heads (native, keep=False): the heads' weights averaged and applied to every channel."""
     acc = _acc(v.dtype)
     if _cpu.unavailable() is None:
-        a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc)
+        a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc,
+                         mean_heads)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
                               scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep,
                               empty=cpu_cache.empty)
@@ -572,9 +575,20 @@ def _traced() -> bool:
         torch.utils._python_dispatch._get_current_dispatch_mode() is not None
 
 
+def averages_heads(*tensors) -> bool:
+    """Whether the native forward averages the heads itself here: eager CPU inference (it keeps no weights
+    for a backward). Elsewhere average_heads is the mean of one call per head."""
+    return tensors[0].device.type == "cpu" and _cpu.unavailable() is None and not _traced() and \
+        not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
-                         coords, padding, window="centered", ratio=0.0):
-    """`upsampler.local_upsample` in PyTorch; arguments already checked."""
+                         coords, padding, window="centered", ratio=0.0, average_heads=False):
+    """`upsampler.local_upsample` in PyTorch; arguments already checked (average_heads where
+    averages_heads() says so)."""
+    if average_heads:
+        return _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size or None, num_groups, num_heads,
+                        scale, coords, padding, window, ratio, keep=False, mean_heads=True)[0]
     # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose CPU kernel
     # is faster than the native one there (1.7 against 3.2 ms at 1x64x64x64 -> 128^2, 4 groups) and
     # keeps the same tensors for backward.
