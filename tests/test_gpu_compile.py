@@ -52,6 +52,12 @@ EXTRA += [Job(FPN_P2, "fp32", d, int64=True) for d in ("fwd", "bwd")]
 ONE_PIXEL = Problem(1, 64, 64, 4, 5, 1, 1, 2, 1, 9)
 EXTRA += [Job(ONE_PIXEL, dtype, d, deterministic=det, int64=True) for dtype in ("fp32", "fp64")
           for d, det in (FWD, BWD, DET)]
+# the foundation-model upsamplers' windows at NAF's harness, x16 (28x28 features, C=384): NAF's clamped 9x9
+# window (256 query channels, 4 heads, per-head values) and AnyUp's ratio window (0.1: a 7x7 box, one head of
+# the four per call)
+FOUNDATION = [Problem(1, 256, 384, 28, 28, 448, 448, 1, 4, 81), Problem(1, 32, 384, 28, 28, 448, 448, 1, 1, 49)]
+JOBS += [Job(pb, dtype, d, deterministic=det, window=w) for pb, w in zip(FOUNDATION, ("clamped", "ratio"))
+         for dtype in ("fp32", "bf16") for d, det in (FWD, BWD)]
 # what the public op launches at FPN P2 (default, non-deterministic mode)
 OP = [Job(FPN_P2, dtype, d, via_op=True) for dtype in ("fp32", "bf16") for d in ("fwd", "bwd")]
 
@@ -65,7 +71,8 @@ def reports():
 def name(job):
     pb = job.pb
     return (f"{job.direction}{'-det' if job.deterministic else ''}-{pb.weights}-G{pb.G}-nh{pb.NH}-K{pb.K}-D{pb.D}-{job.dtype}"
-            f"-sm{job.cc}{'-int64' if job.int64 else ''}{'-1px' if pb.Ho * pb.Wo == 1 else ''}")
+            f"-sm{job.cc}{'-int64' if job.int64 else ''}{'-1px' if pb.Ho * pb.Wo == 1 else ''}"
+            f"{'' if job.window == 'centered' else '-' + job.window}")
 
 
 def show(r):

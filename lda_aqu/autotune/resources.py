@@ -82,6 +82,7 @@ class Job(NamedTuple):
     cc: int = 90
     int64: bool = False
     via_op: bool = False
+    window: str = "centered"  # "clamped" (NAF's) or "ratio" (AnyUp's, ratio 0.1): attention, no offsets
 
 
 class Report(NamedTuple):
@@ -139,30 +140,33 @@ MODES = {"attention": ("align_corners", "zeros", False, True), "weights": ("half
          "logits": ("nearest", "zeros", True, False), "unit": ("half_pixel", "border", False, True)}
 
 
-def _inputs(pb: Problem, dtype: torch.dtype) -> list[Optional[torch.Tensor]]:
+def _inputs(pb: Problem, dtype: torch.dtype, window: str = "centered") -> list[Optional[torch.Tensor]]:
     """q, k, v, offset, rpb, logits/weights on the CPU in the problem's real shapes (None where the
     weight mode takes none). Values do not matter, only shapes, strides and alignment."""
-    attention, offsets = pb.weights == "attention", MODES[pb.weights][3]
+    attention, offsets = pb.weights == "attention", MODES[pb.weights][3] and window == "centered"
     return [torch.empty(pb.B, pb.D, pb.Ho, pb.Wo, dtype=dtype) if attention else None,
             torch.empty(pb.B, pb.D, pb.H, pb.W, dtype=dtype) if attention else None,
             torch.empty(pb.B, pb.C, pb.H, pb.W, dtype=dtype),
             torch.zeros(pb.B, 2 * pb.G * pb.K, pb.Ho, pb.Wo, dtype=dtype) if offsets else None,
-            torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype) if attention else None,
+            torch.empty(pb.NH, pb.K, pb.D // pb.NH, dtype=dtype) if attention and window != "ratio" else None,
             torch.empty(pb.B, pb.NH, pb.K, pb.Ho, pb.Wo, dtype=dtype) if pb.weights in ("logits", "weights") else None]
 
 
 def drive_launchers(pb: Problem, dtype: torch.dtype, config: Optional[Config], direction: str,
-                    deterministic: bool = False, int64: bool = False) -> Iterator[Optional[str]]:
+                    deterministic: bool = False, int64: bool = False, window: str = "centered"
+                    ) -> Iterator[Optional[str]]:
     """Everything here that knows the launchers' signatures (adapt it when they change): run one
     direction of the op (its weight mode `pb.weights`, driven as MODES says) through
     `kernels.launchers` on CPU tensors of the problem's real shapes, yielding the phase of the
     launches made since the last yield."""
     from ..kernels.launchers import Spec, upsample_bwd, upsample_fwd
     acc = acc_dtype(dtype)
-    q, k, v, offset, rpb, wts = _inputs(pb, dtype)
-    coords, padding, window, _ = MODES[pb.weights]
-    spec = Spec(pb.G, pb.NH, pb.K, pb.weights, coords, padding, math.isqrt(pb.K) if window else 0,
-                (pb.D // pb.NH) ** -0.5 if pb.D else 1.0)
+    q, k, v, offset, rpb, wts = _inputs(pb, dtype, window)
+    coords, padding, grid, _ = MODES[pb.weights]
+    if window != "centered":
+        coords, padding, grid = "nearest", "zeros", True
+    spec = Spec(pb.G, pb.NH, pb.K, pb.weights, coords, padding, math.isqrt(pb.K) if grid else 0,
+                (pb.D // pb.NH) ** -0.5 if pb.D else 1.0, window, 0.1 if window == "ratio" else 0.0)
     size = (pb.Ho, pb.Wo)
     if direction == "fwd":
         upsample_fwd(v, size, spec, offset, q, k, rpb, wts, config=config, need_attn=False, force_int64=int64)
@@ -263,7 +267,7 @@ def record(job: Job) -> list[Launch]:
             raise ValueError("the op picks its own configuration and index width")
         steps = drive_op(job.pb, dtype, job.direction, job.deterministic)
     else:
-        steps = drive_launchers(job.pb, dtype, job.config, job.direction, job.deterministic, job.int64)
+        steps = drive_launchers(job.pb, dtype, job.config, job.direction, job.deterministic, job.int64, job.window)
     launches = []
     with _intercepted(job.cc) as recorded:
         for phase in steps:

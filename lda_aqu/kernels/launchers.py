@@ -95,9 +95,10 @@ def default_config(pb: Problem, backward: bool = False, interpret: bool = INTERP
     if interpret:  # fewer, larger programs: the interpreter pays per program, not per lane
         return Config(block_p=128, block_d=seg_d, block_c=seg_c)
     if backward:
-        # more heads, more per-head state and unrolled segments: a narrower pixel tile keeps ptxas's
-        # 128-register budget spill-free
-        return Config(block_p=32 if pb.NH <= 2 else 16, block_d=min(32, seg_d), block_c=min(32, seg_c), num_warps=8)
+        # more heads or neighbours, more per-pixel state and unrolled segments: a narrower pixel tile
+        # keeps ptxas's register budget spill-free (bf16 at K = 49, one head, spilled at 32 pixels)
+        return Config(block_p=32 if pb.NH <= 2 and pb.K <= 32 else 16, block_d=min(32, seg_d),
+                      block_c=min(32, seg_c), num_warps=8)
     return Config(block_p=16, block_d=min(32, seg_d), block_c=min(128, seg_c), num_warps=4)
 
 
