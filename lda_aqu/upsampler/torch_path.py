@@ -32,12 +32,9 @@ from ..kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, samp
                             weight_mode, window_offsets)
 
 from . import cpu_cache
+from .dispatch import FLOAT_DTYPES, can_run_native, choose, is_exporting, traced as _traced
 
 Tensor = torch.Tensor
-
-
-def is_exporting() -> bool:
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 # torch before 2.13 strides a view that merges symbolic sizes a and b*a Min(a, b*a); ops that order
@@ -210,7 +207,7 @@ def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, a
 def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, keep=True):
     """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none."""
     acc = _acc(v.dtype)
-    if _cpu.unavailable() is None:
+    if can_run_native(v, dtypes=FLOAT_DTYPES, node="compile") is None:
         a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
                               scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep,
@@ -245,7 +242,7 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
 def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
               needs):
     """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed."""
-    if _cpu.unavailable() is None:
+    if can_run_native(v, dtypes=FLOAT_DTYPES, node="compile") is None:
         return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
                                 coords, padding, needs)
     acc = _acc(v.dtype)
@@ -547,22 +544,12 @@ class _Eager(torch.autograd.Function):
         return tuple(d if n else None for d, n in zip(grads, needs)) + (None,) * len(ctx.args)
 
 
-def _traced() -> bool:
-    """Tracing (torch.compile, export) or a dispatch mode (FlopCounterMode, FakeTensorMode): the op must be
-    one node the tracer or mode sees, and no branch may read data."""
-    return torch.compiler.is_compiling() or is_exporting() or \
-        torch.utils._python_dispatch._get_current_dispatch_mode() is not None
-
-
 def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
                          coords, padding):
     """`upsampler.local_upsample` in PyTorch; arguments already checked."""
-    # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose CPU kernel
-    # is faster than the native one there (1.7 against 3.2 ms at 1x64x64x64 -> 128^2, 4 groups) and
-    # keeps the same tensors for backward.
     single = q is None and logits is None and weights is None and \
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
-    if v.device.type != "cpu" or single or is_exporting():
+    if choose("torch", v, single=single).backend == "plain":
         return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
                       padding)
     args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
