@@ -140,7 +140,7 @@ def test_recomputed_offset_branch_keeps_less_and_matches_the_official_gradients(
     # against the graph torch.compile and export take (every branch output kept): at least the tanh's
     # [B*G, 2K, Ho, Wo] output and the GELU's [B*G, D/G, Ho, Wo] input less
     kept = bench.kept_for_backward(lambda: m(x))
-    monkeypatch.setattr(upsampler_module, "is_exporting", lambda: True)
+    monkeypatch.setattr(upsampler_module, "capture", lambda modes=True: "exporting")
     plain = bench.kept_for_backward(lambda: m(x))
     assert kept <= plain - (2 * 2 * 9 + 4) * 10 * 12 * 8
 

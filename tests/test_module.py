@@ -7,7 +7,7 @@ from torch import nn
 from helpers import DEVICE, fresh_seed, rel_err, seeded_randn
 from lda_aqu.upsampler.official import official_forward, official_offsets, official_state_dict
 from lda_aqu.upsampler import LDAAQU
-from lda_aqu.upsampler.module import BilinearAlignCorners
+from lda_aqu.upsampler.bilinear import BilinearAlignCorners
 
 
 def official_shapes(C, r=4, G=2, nh=1, k_u=3, k_e=3, rpb=True):

@@ -358,7 +358,7 @@ def test_native_layer_norm_trains_as_torchs(shape):
     """The channels' layer norm in eager CPU training is the native pass with its native backward: float64
     value and every gradient as F.layer_norm's, fp32 within 4x torch's own fp32 error, 1 and 2 threads
     alike bit for bit, and autograd keeps x and the weight alone (pixels off the 64-pixel blocks, odd C)."""
-    from lda_aqu.upsampler.module import _layer_norm_channels
+    from lda_aqu.upsampler.layernorm import _layer_norm_channels
     if cpu.unavailable():
         pytest.skip(f"native kernels unavailable: {cpu.unavailable()}")
     seed = fresh_seed()

@@ -6,7 +6,8 @@ from .fpn import FPN
 from .guided import FADE, SAPA, SAPADeform
 from .functional import can_run_triton, deformable_local_attention, local_upsample, select_backend
 from .interpolation import interpolate
-from .module import LDAAQU, LayerNormProxy
+from .layernorm import LayerNormProxy
+from .module import LDAAQU
 from .necks import FPN_LAU, FPN_UPSAMPLE, neck_state_dict
 from .naive import deformable_local_attention_ref, local_upsample_ref
 from .registry import register_mmengine

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import check_backend, local_upsample, not_scriptable
-from .module import _check_input, _empty_batch, _odd_int, _positive_int, _same_size, _size_arg
+from .args import _check_input, _empty_batch, _odd_int, _positive_int, _same_size, _size_arg
 
 
 class CARAFE(nn.Module):

@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from .dispatch import traced
+
 MIN_BYTES = 1 << 20  # smaller blocks come from glibc's heap, which keeps them
 AGE = 256  # a block freed this many takes ago and not taken since goes (a step takes a few dozen)
 
@@ -147,3 +149,11 @@ def release() -> int:
 def stats() -> dict:
     """{"held": bytes of all blocks, live and free, "free": bytes of the free ones}."""
     return dict(held=_held, free=sum(b.nbytes for bs in list(_free.values()) for b in list(bs)))
+
+
+def empty_like_on(shape, like: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of like's dtype and device; eager CPU ones from the cache (a graph being
+    captured, or a dispatch mode, must see the allocation as torch's own)."""
+    if like.device.type == "cpu" and not traced():
+        return empty(shape, like.dtype)
+    return like.new_empty(shape)

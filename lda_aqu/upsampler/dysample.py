@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import autocasting, check_backend, local_upsample, not_scriptable, select_backend
-from .module import _check_input, _empty_batch, _positive_int, _same_size, _size_arg
+from .args import _check_input, _empty_batch, _positive_int, _same_size, _size_arg
+from .dispatch import autocasting, check_backend, choose
+from .functional import local_upsample, not_scriptable
 from .torch_path import one_sample
 
 STYLES = ("lp", "pl")
@@ -87,9 +88,10 @@ class DySample(nn.Module):
         if self.dyscope:
             off = off * self.scope(feat).sigmoid()
         gain = 0.5 if self.dyscope else 0.25
-        # local_upsample's own path, without its checks (x is checked, the offsets are ours), on the official
-        # layout (no reordering pass), the gain taken with the unit: on a small map an op costs more than its pass
-        own = not autocasting(x.device.type) and select_backend(self.backend, x) == "torch"
+        # the plain graph's one-sample form, without the op's checks (x is checked, the offsets are ours), on
+        # the official layout (no reordering pass), the gain taken with the unit: on a small map an op costs
+        # more than its pass. Not under autocast, whose cast the op makes.
+        own = choose(self.backend, x, single=True).backend == "plain" and not autocasting(x.device.type)
         if not own:
             off = off * gain
         if self.style == "lp":  # channel (xy*G + g)*s*s + i*s + j is sub-pixel (i, j): pixel_shuffle lays it out

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import _check_input, _positive_int
 from .carafe import CARAFE
 from .dysample import DySample
 from .functional import check_backend, not_scriptable
 from .interpolation import interpolate
 from .guided import FADE, SAPA
-from .module import LDAAQU, _check_input, _positive_int
+from .module import LDAAQU
 
 # the learned upsamplers: class and the name of its scale argument
 LEARNED = {"carafe": (CARAFE, "scale_factor"), "dysample": (DySample, "scale"), "lda_aqu": (LDAAQU, "scale_factor"),

@@ -1,4 +1,4 @@
-"""The public core op: argument checks, backend choice, autocast."""
+"""The public core op: argument checks, autocast, then the backend `dispatch.choose` picks."""
 from __future__ import annotations
 
 import math
@@ -7,52 +7,10 @@ from typing import Optional
 import torch
 
 from ..kernels.layout import ratio_box
+from .dispatch import (BACKENDS, FLOAT_DTYPES, TRITON_DTYPES, autocasting, can_run_triton,  # noqa: F401
+                       check_backend, choose)
 from .naive import COORDS, PADDINGS, WINDOWS, local_upsample_ref
-from .torch_path import averages_heads, is_exporting, local_upsample_torch
-
-BACKENDS = ("auto", "triton", "torch", "reference")
-# the floating dtypes the modules take, every one of which the kernels take too
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = FLOAT_DTYPES
-
-
-def can_run_triton(*tensors: torch.Tensor) -> Optional[str]:
-    """None if the Triton backend can take these tensors, else why not."""
-    from ..kernels.launchers import INTERPRET
-    dev = tensors[0].device
-    if dev.type == "cpu" and not INTERPRET:
-        return "CPU tensors run Triton kernels only under TRITON_INTERPRET=1, set before importing lda-aqu"
-    if dev.type not in ("cuda", "cpu"):
-        return f"Triton kernels here run on CUDA devices, not {dev.type}"
-    if tensors[0].dtype not in TRITON_DTYPES:
-        return f"dtype {tensors[0].dtype} is not one of {TRITON_DTYPES}"
-    return None
-
-
-@torch.compiler.assume_constant_result
-def autocast_available(device_type: str) -> bool:
-    # fixed per device type, so the compilers may call it while tracing and keep the answer: Dynamo
-    # before torch 2.13 cannot trace torch.amp.is_autocast_available itself
-    return torch.amp.is_autocast_available(device_type)
-
-
-def autocasting(device_type: str) -> bool:
-    # is_autocast_enabled raises for devices without autocast (meta: shape inference, model summaries)
-    return autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
-def refuse_jit():
-    """TorchScript cannot script this library (custom ops with optional tensors, symbolic sizes), and a
-    trace would bake the input size into the graph: say which routes work instead."""
-    if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
-        raise RuntimeError("torch.jit.trace is not supported (the trace would fix the input size); use "
-                           "torch.compile, torch.export (then AOTInductor for C++ deployment) or torch.onnx.export")
+from .torch_path import averages_heads, local_upsample_torch
 
 
 def not_scriptable(module):
@@ -62,20 +20,9 @@ def not_scriptable(module):
 
 
 def select_backend(backend: str, *tensors: torch.Tensor) -> str:
-    check_backend(backend)
-    refuse_jit()
-    # exporters lower standard ops only (not the Triton custom op, not the CPU one); meta tensors (shape
-    # inference, init on meta) need no kernel, and the plain graph has meta kernels throughout
-    if is_exporting() or tensors[0].is_meta:
-        return "torch"
-    if backend in ("reference", "torch"):
-        return backend
-    refusal = can_run_triton(*tensors)
-    if backend == "triton":
-        if refusal:
-            raise ValueError(f"backend='triton' cannot run: {refusal}; use backend='reference' or 'auto'")
-        return "triton"
-    return "triton" if tensors[0].is_cuda and refusal is None else "torch"
+    """The public backend ("triton", "torch" or "reference") that runs these tensors: `dispatch.choose`'s,
+    which sees this module's can_run_triton (tools replace it)."""
+    return choose(backend, *tensors).family
 
 
 def _infer_groups(n_offset: int, D: int, C: int, num_groups: Optional[int]) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import check_backend, empty_output, local_upsample, not_scriptable
-from .module import _check_input, _odd_int, _positive_int
+from .args import _check_input, _odd_int, _positive_int
 
 
 def _bool(name: str, value) -> bool:

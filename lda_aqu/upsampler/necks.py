@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import _positive_int
 from .carafe import CARAFE
 from .fpn import (TopDown, _ConvModule, build_learned, build_resize, check_keys, check_pyramid, xavier_init)
 from .guided import FADE, SAPA, SAPADeform
-from .module import LDAAQU, _positive_int
+from .module import LDAAQU
 
 XAVIER = dict(type="Xavier", layer="Conv2d", distribution="uniform")  # FPN_UPSAMPLE's init_cfg
 

@@ -32,12 +32,9 @@ from ..kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, segm
                             window_extents, window_offsets, window_origins, window_valid)
 
 from . import cpu_cache
+from .dispatch import FLOAT_DTYPES, can_run_native, choose, is_exporting, traced as _traced
 
 Tensor = torch.Tensor
-
-
-def is_exporting() -> bool:
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 # torch before 2.13 strides a view that merges symbolic sizes a and b*a Min(a, b*a); ops that order
@@ -217,7 +214,7 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
     """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none;
     mean_heads (native, keep=False): the heads' weights averaged and applied to every channel."""
     acc = _acc(v.dtype)
-    if _cpu.unavailable() is None:
+    if can_run_native(v, dtypes=FLOAT_DTYPES, node="compile") is None:
         a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc,
                          mean_heads)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
@@ -258,7 +255,7 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
               window, ratio, needs):
     """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed; the forward's weights w
     carry the window (zero outside a "ratio" window), so only the positions depend on it here."""
-    if _cpu.unavailable() is None:
+    if can_run_native(v, dtypes=FLOAT_DTYPES, node="compile") is None:
         return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
                                 coords, padding, window, ratio, needs)
     acc = _acc(v.dtype)
@@ -568,17 +565,10 @@ class _Eager(torch.autograd.Function):
         return tuple(d if n else None for d, n in zip(grads, needs)) + (None,) * len(ctx.args)
 
 
-def _traced() -> bool:
-    """Tracing (torch.compile, export) or a dispatch mode (FlopCounterMode, FakeTensorMode): the op must be
-    one node the tracer or mode sees, and no branch may read data."""
-    return torch.compiler.is_compiling() or is_exporting() or \
-        torch.utils._python_dispatch._get_current_dispatch_mode() is not None
-
-
 def averages_heads(*tensors) -> bool:
     """Whether the native forward averages the heads itself here: eager CPU inference (it keeps no weights
     for a backward). Elsewhere average_heads is the mean of one call per head."""
-    return tensors[0].device.type == "cpu" and _cpu.unavailable() is None and not _traced() and \
+    return can_run_native(*tensors, dtypes=FLOAT_DTYPES) is None and \
         not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
@@ -589,12 +579,9 @@ def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_
     if average_heads:
         return _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size or None, num_groups, num_heads,
                         scale, coords, padding, window, ratio, keep=False, mean_heads=True)[0]
-    # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose CPU kernel
-    # is faster than the native one there (1.7 against 3.2 ms at 1x64x64x64 -> 128^2, 4 groups) and
-    # keeps the same tensors for backward.
     single = q is None and logits is None and weights is None and \
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
-    if v.device.type != "cpu" or single or is_exporting():
+    if choose("torch", v, single=single).backend == "plain":
         return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
                       padding, window, ratio)
     args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
