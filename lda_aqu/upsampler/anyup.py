@@ -17,7 +17,7 @@ from torch import nn
 
 from .functional import FLOAT_DTYPES, _check_extent, autocasting, check_backend, empty_output, local_upsample, \
     not_scriptable, refuse_jit
-from .module import _positive_int, _size_arg
+from .module import _positive_int
 
 
 class ResBlock(nn.Module):
@@ -167,6 +167,15 @@ def _check_map(name: str, x, channels, weight: torch.Tensor):
     _check_extent(name, x)
 
 
+def _output_size(size) -> tuple:
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 \
+            or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in size):
+        raise TypeError(f"output_size must be None or a pair of ints (h, w), got {size!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"output_size must be positive, got {tuple(size)}")
+    return tuple(size)
+
+
 class AnyUp(nn.Module):
     """AnyUp: `forward(image, features, output_size=None)` upsamples features [B, C, h, w] (any C) to
     output_size (default: the image's size) guided by image [B, input_dim, H, W].
@@ -233,7 +242,7 @@ class AnyUp(nn.Module):
         _check_map("features", features, None, weight)
         if image.shape[0] != features.shape[0]:
             raise ValueError(f"image has batch size {image.shape[0]} but features has {features.shape[0]}")
-        size = _size_arg(output_size, tuple(image.shape[-2:]))
+        size = tuple(image.shape[-2:]) if output_size is None else _output_size(output_size)
         if image.shape[0] == 0:
             return empty_output((0, features.shape[1], *size), features, image, *self.parameters())
         enc = self.rope(self.image_encoder(image))
