@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 from helpers import assert_matches_with_grads, fresh_seed, rel_err, seeded_randn, slow_except
-from lda_aqu.upsampler import AnyUp
+from lda_aqu.upsampler import AnyUp, local_upsample
 from lda_aqu.upsampler.official_anyup import dense_window_attention, official_forward, official_state_dict
 
 # small channel counts (GroupNorm's 8 groups bound them below); lfu_dim != qk_dim exercises the shortcut conv
@@ -90,7 +90,6 @@ def test_op_is_the_dense_window_attention():
     and window that cut rows unevenly (window edges between query centres)."""
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
-    from lda_aqu.upsampler import local_upsample
     for (H, W), (Ho, Wo), r, nh in (((5, 7), (17, 9), 0.15, 2), ((3, 4), (3, 4), 0.34, 4), ((6, 2), (11, 23), 0.0, 1)):
         q = seeded_randn(2, 8, Ho, Wo, dtype=torch.float64, generator=g)
         k = seeded_randn(2, 8, H, W, dtype=torch.float64, generator=g)

@@ -169,7 +169,8 @@ def official_state_dict(input_dim=3, qk_dim=128, kernel_size=1, kernel_size_lfu=
     encoder("key_features_encoder", {"key_features_encoder.0.basis": rnd(L, 1, kernel_size_lfu, kernel_size_lfu)}, L)
     p = "cross_decode.cross_attn."
     sd.update({p + "norm_q.weight": 1 + rnd(D, s=0.1), p + "norm_k.weight": 1 + rnd(D, s=0.1),
-               p + "attention.in_proj_weight": rnd(3 * D, D, s=D ** -0.5), p + "attention.in_proj_bias": rnd(3 * D, s=0.1),
+               p + "attention.in_proj_weight": rnd(3 * D, D, s=D ** -0.5),
+               p + "attention.in_proj_bias": rnd(3 * D, s=0.1),
                p + "attention.out_proj.weight": rnd(D, D, s=D ** -0.5), p + "attention.out_proj.bias": rnd(D, s=0.1),
                "cross_decode.conv2d.weight": conv(D, D, 3)})
     encoder("aggregation", {"aggregation.0.weight": conv(D, 2 * D, 3)})
