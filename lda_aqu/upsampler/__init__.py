@@ -1,5 +1,6 @@
 """LDA-AQU upsampler and its family (CARAFE, DySample, SAPA, SAPADeform, FADE, interpolation) on one op; an
 FPN neck; the necks of the released LDA-AQU and DySample detectors."""
+from .anyup import AnyUp
 from .carafe import CARAFE
 from .dysample import DySample
 from .fpn import FPN
@@ -12,7 +13,7 @@ from .necks import FPN_LAU, FPN_UPSAMPLE, neck_state_dict
 from .naive import deformable_local_attention_ref, local_upsample_ref
 from .registry import register_mmengine
 
-__all__ = ["LDAAQU", "LayerNormProxy", "CARAFE", "DySample", "SAPA", "SAPADeform", "FADE", "FPN", "FPN_LAU", "FPN_UPSAMPLE", "neck_state_dict",
+__all__ = ["LDAAQU", "AnyUp", "LayerNormProxy", "CARAFE", "DySample", "SAPA", "SAPADeform", "FADE", "FPN", "FPN_LAU", "FPN_UPSAMPLE", "neck_state_dict",
            "interpolate",
            "deformable_local_attention", "deformable_local_attention_ref", "local_upsample", "local_upsample_ref",
            "can_run_triton", "select_backend", "register_mmengine", "profile", "count_flops", "op_flops"]
