@@ -14,12 +14,12 @@ def natten_windows(length: int, kernel_size: int, dilation: int, device=None) ->
     `dilation` interleaved subsequences (index mod dilation), and index i attends, within its own
     subsequence, to the kernel_size members centred on it, the window shifted to lie inside that
     subsequence."""
+    if kernel_size * dilation > length:
+        raise ValueError(f"kernel_size * dilation = {kernel_size * dilation} exceeds the length {length}: "
+                         f"NATTEN needs kernel_size members in every dilation group")
     i = torch.arange(length, device=device)
     group, pos = i % dilation, i // dilation
     group_len = (length - group + dilation - 1) // dilation
-    if int(group_len.min()) < kernel_size:
-        raise ValueError(f"kernel_size * dilation = {kernel_size * dilation} exceeds the length {length}: "
-                         f"NATTEN needs kernel_size members in every dilation group")
     start = torch.minimum((pos - kernel_size // 2).clamp(min=0), group_len - kernel_size)
     return group[:, None] + (start[:, None] + torch.arange(kernel_size, device=device)) * dilation
 
@@ -108,7 +108,7 @@ def official_state_dict(dim=256, heads_rope=4, img_layers=2, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, s=1.0):
-        return torch.randn(*shape, generator=g) * s
+        return torch.randn(*shape, generator=g, device="cpu") * s
     hid = dim // 2
     sd = {}
     for name, ks in (("encoder", 1), ("sem_encoder", 3)):
@@ -120,6 +120,6 @@ def official_state_dict(dim=256, heads_rope=4, img_layers=2, seed=0):
                 sd[f"{p}.{i}.conv{j}.weight"] = rnd(hid, hid, ks, ks, s=(hid * ks * ks) ** -0.5)
                 sd[f"{p}.{i}.conv{j}.bias"] = rnd(hid, s=0.1)
     d = dim // heads_rope
-    periods = 100.0 ** (2 * torch.arange(d // 4) / (d // 2))
-    sd["image_encoder.rope.periods"] = periods * torch.empty(d // 4).uniform_(0.5, 1.5, generator=g)
+    periods = 100.0 ** (2 * torch.arange(d // 4, device="cpu") / (d // 2))
+    sd["image_encoder.rope.periods"] = periods * torch.rand(d // 4, generator=g, device="cpu").add(0.5)
     return sd
