@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import FLOAT_DTYPES, check_backend, empty_output, local_upsample, not_scriptable, refuse_jit
+from .functional import FLOAT_DTYPES, check_backend, empty_output, local_upsample, not_scriptable
 from .module import _check_input, _odd_int, _positive_int
 
 
@@ -172,7 +172,6 @@ class NAF(nn.Module):
         weight = self.image_encoder.encoder[0].weight
         _check_input(image, 3, weight, "image")
         size = _output_size(output_size)
-        refuse_jit()
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
         if features.dim() != 4 or features.shape[0] != image.shape[0]:
