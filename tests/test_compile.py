@@ -86,7 +86,7 @@ def test_custom_ops_fake_layouts_are_the_real_ones(layout):
     v, q, k = (laid_out(seeded_randn(*s, generator=g)) for s in ((B, C, H, W), (B, D, Ho, Wo), (B, D, H, W)))
     offset = laid_out(seeded_randn(B, G * 2 * K, Ho, Wo, generator=g))
     rpb = laid_out(seeded_randn(nh, K, D // nh, generator=g))
-    spec = (G, nh, K, "attention", "align_corners", "zeros", 0, 0.5)
+    spec = (G, nh, K, "attention", "align_corners", "zeros", 0, 0.5, "centered", 0.0)
     fwd = (v, [Ho, Wo], offset, q, k, rpb, None, *spec, True)
     torch.library.opcheck(upsample_fwd_op, fwd, test_utils="test_faketensor")
     out, attn = upsample_fwd_op(*fwd)

@@ -119,7 +119,7 @@ def test_compiled_efficiency_at_fpn_p2(job, reports):
 def test_inspect_prints_every_launch(reports):
     """`python -m lda_aqu.autotune inspect` (through the public op) shows the launches and figures of the
     default configurations at FPN P2; the module's compiles above leave Triton's cache warm."""
-    r = subprocess.run([sys.executable, "-m", "autotune", "inspect", "--dtype", "fp32"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "lda_aqu.autotune", "inspect", "--dtype", "fp32"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [re.split(r"\s{2,}", line) for line in r.stdout.splitlines() if line.startswith("fp32 ")]

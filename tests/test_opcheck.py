@@ -131,6 +131,6 @@ def test_backward_without_saved_weights_says_why():
     g = torch.Generator().manual_seed(fresh_seed())
     v, wts = (seeded_randn(*s, generator=g).requires_grad_(True) for s in ((B, C, H, W), (B, 2, 9, 2 * H, 2 * W)))
     out, _ = torch.ops.lda_aqu.upsample_fwd(v, [2 * H, 2 * W], None, None, None, None, wts, 1, 2, 9, "logits",
-                                            "nearest", "zeros", 3, 1.0, False)
+                                            "nearest", "zeros", 3, 1.0, "centered", 0.0, False)
     with pytest.raises(RuntimeError, match="need_attn=False"):
         out.sum().backward()

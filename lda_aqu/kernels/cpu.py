@@ -36,7 +36,8 @@ class _Problem(ctypes.Structure):
         [(n, ctypes.c_double) for n in ("unit_y", "unit_x", "scale")] + \
         [(n, ctypes.c_void_p) for n in ("seg", "qseg", "y0", "x0", "base", "v", "offset", "q", "k", "rpb", "given",
                                         "out", "w", "dout", "dv", "dk", "dq", "dlogit", "dw", "doffset")] + \
-        [(n, ctypes.c_int64) for n in ("need_v", "need_offset", "need_q", "need_k", "need_weights")]
+        [(n, ctypes.c_int64) for n in ("need_v", "need_offset", "need_q", "need_k", "need_weights", "grid")] + \
+        [(n, ctypes.c_void_p) for n in ("ey", "ex")]
 
 
 def _layout_mismatch(reported: str) -> Optional[str]:
@@ -175,21 +176,24 @@ def _runs(segs) -> torch.Tensor:
 
 
 def _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
-             acc, keep):
+             acc, keep, grid=1, extents=None):
     """The ctypes struct for tensors in acc; `keep` holds every tensor it points into. origins ([Ho], [Wo])
-    and base ([K, 2]) contiguous CPU tensors in acc."""
+    and base ([K, 2]) contiguous CPU tensors in acc; grid: the window's side; extents: int32 ([Ho], [Wo])
+    rows and columns of a "ratio" window, or None."""
     B, C, H, W = v.shape
     Ho, Wo = size
     seg, qseg = (_runs(tuple(s)) for s in (segs, qsegs))
     y0, x0 = origins
-    keep += [seg, qseg, y0, x0, base]
+    ey, ex = extents or (None, None)
+    keep += [seg, qseg, y0, x0, base, ey, ex]
     return _Problem(B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, G=G, NH=nh, K=K, Dq=0 if q is None else q.shape[1],
                     mode=WEIGHT_MODES[mode], align=coords == "align_corners",
                     exact=coords == "nearest" and offset is None,
                     border=padding == "border", has_offset=offset is not None, has_rpb=rpb is not None,
                     n_threads=torch.get_num_threads(), chunk_pixels=max(1, layout.CHUNK_PAIRS // (G * K * 4)),
                     n_seg=len(segs), n_qseg=len(qsegs), unit_y=units[0], unit_x=units[1], scale=scale,
-                    seg=_ptr(seg), qseg=_ptr(qseg), y0=_ptr(y0), x0=_ptr(x0), base=_ptr(base))
+                    seg=_ptr(seg), qseg=_ptr(qseg), y0=_ptr(y0), x0=_ptr(x0), base=_ptr(base), grid=grid,
+                    ey=_ptr(ey), ex=_ptr(ex))
 
 
 def _suffix(acc) -> str:
@@ -197,15 +201,16 @@ def _suffix(acc) -> str:
 
 
 def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
-            padding, acc, keep_weights=True, empty=torch_empty):
+            padding, acc, keep_weights=True, empty=torch_empty, grid=1, extents=None):
     """out [B, C, Ho, Wo] in acc and the sample weights w [B, nh, Ho*Wo, K] in acc (None for unit weights, or
     keep_weights=False: no backward follows).
     offset [B, G*2K, Ho, Wo]; q [B, Dq, Ho, Wo], k [B, Dq, H, W], rpb [nh, K, Dq//nh]; given: logits or
     weights [B, nh, K, Ho, Wo]; segs/qsegs: (group, head, first, end) channel runs of v and q; origins:
-    the output rows' and columns' input coordinates; base [K, 2] the window; units per offset unit."""
+    the output rows' and columns' input coordinates; base [K, 2] the window; units per offset unit;
+    grid, extents: see _problem."""
     keep = []
     p = _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
-                 acc, keep)
+                 acc, keep, grid, extents)
     # q NCHW: the kernel transposes a row at a time (q is at output resolution, its copy the largest)
     tensors = dict(v=_cl(v, acc, empty), offset=_c(offset, acc, empty), q=_c(q, acc, empty), k=_cl(k, acc, empty),
                    rpb=_c(rpb, acc, empty), given=_c(given, acc, empty))
@@ -219,13 +224,13 @@ def forward(v, size, offset, q, k, rpb, given, mode, G, nh, K, segs, qsegs, orig
 
 
 def backward(dout, v, size, offset, q, k, rpb, w, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords,
-             padding, acc, needs, empty=torch_empty):
+             padding, acc, needs, empty=torch_empty, grid=1, extents=None):
     """Gradients in acc: dv, doffset, dq, dk [as their inputs], dlogit [B, nh, Ho*Wo, K] (softmax input,
     for attention and logits), dw [B, nh, Ho*Wo, K] (given weights), None where not needed.
     needs: (v, offset, q, k, weights)."""
     keep = []
     p = _problem(v, size, offset, q, rpb, mode, G, nh, K, segs, qsegs, origins, base, units, scale, coords, padding,
-                 acc, keep)
+                 acc, keep, grid, extents)
     n_v, n_off, n_q, n_k, n_w = needs
     n_off = n_off and offset is not None
     B, C, H, W = v.shape

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import WEIGHT_MODES, acc_dtype, segments
+from .layout import WEIGHT_MODES, WINDOWS, acc_dtype, segments, window_bounds
 from .local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_drpb_kernel, upsample_fwd_kernel
 
 # kernels are decorated at import: the interpreter is on only if it was on then
@@ -33,6 +33,8 @@ class Spec(NamedTuple):
     padding: str = "zeros"
     grid: int = 0  # kernel_size of the base window, 0 for none
     scale: float = 1.0
+    window: str = "centered"  # layout.WINDOWS
+    ratio: float = 0.0  # a "ratio" window's ratio
 
 
 class Problem(NamedTuple):
@@ -148,7 +150,8 @@ def _constexprs(pb: Problem, spec: Spec, cfg: Config, dtype: torch.dtype, has_of
     return dict(
         D=pb.D, C=pb.C, G=pb.G, NH=pb.NH, K=pb.K,
         NH_PAD=triton.next_power_of_2(pb.NH), K_PAD=triton.next_power_of_2(pb.K), GRID=spec.grid,
-        COORD=COORDS[spec.coords], BORDER=spec.padding == "border", WEIGHTS=WEIGHT_MODES[spec.weights],
+        COORD=COORDS[spec.coords], BORDER=spec.padding == "border", WINDOW=WINDOWS[spec.window],
+        WEIGHTS=WEIGHT_MODES[spec.weights],
         HAS_OFF=has_off, EXACT=spec.coords == "nearest" and not has_off, HAS_RPB=has_rpb, INT64=int64,
         ACC=_acc(dtype)[1], BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d, BLOCK_C=cfg.block_c,
         EVEN_D=pb.D == 0 or _even(pb.D, pb.G, pb.NH, cfg.block_d), EVEN_C=_even(pb.C, pb.G, pb.NH, cfg.block_c),
@@ -159,6 +162,14 @@ def _constexprs(pb: Problem, spec: Spec, cfg: Config, dtype: torch.dtype, has_of
 def _flat(*maps: Optional[torch.Tensor]) -> bool:
     """Whether every given [B, C, Ho, Wo] map has its rows back to back (stride(2) == Wo * stride(3))."""
     return all(t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1 for t in maps if t is not None)
+
+
+def _window_table(pb: Problem, spec: Spec, device) -> Optional[torch.Tensor]:
+    """int32 [first rows (Ho), first columns (Wo), rows (Ho), columns (Wo)] of a "ratio" window, else None."""
+    if spec.window != "ratio":
+        return None
+    (ly, hy), (lx, hx) = (window_bounds(n, m, "ratio", None, spec.ratio) for n, m in ((pb.H, pb.Ho), (pb.W, pb.Wo)))
+    return torch.cat([ly, lx, hy - ly, hx - lx]).to(device=device, dtype=torch.int32)
 
 
 def _strides(x: Optional[torch.Tensor]):
@@ -182,13 +193,14 @@ def upsample_fwd(v, size, spec: Spec, offset=None, q=None, k=None, rpb=None, wts
     attn = torch.empty(pb.B, pb.NH, pb.K, pb.Ho, pb.Wo, dtype=acc_t, device=v.device) if need_attn else None
     int64 = force_int64 or _needs_int64(q, k, v, offset, wts, out, attn)
     rpb = rpb.contiguous() if rpb is not None else None
+    win = _window_table(pb, spec, v.device)
     with _on_device(v):
         for rows in _batches(pb.B):
             q_b, k_b, v_b, off_b, wts_b, out_b, attn_b = _rows(rows, q, k, v, offset, wts, out, attn)
             upsample_fwd_kernel[_grid(pb, cfg, rows)](
                 q_b if q is not None else v_b, k_b if k is not None else v_b, v_b, off_b if off_b is not None else v_b,
                 rpb if rpb is not None else v_b, wts_b if wts_b is not None else v_b, out_b,
-                attn_b if attn_b is not None else out_b,
+                attn_b if attn_b is not None else out_b, win if win is not None else out_b,
                 *_strides(q), *_strides(k), *v.stride(), offset.stride(0) if offset is not None else 0,
                 wts.stride(0) if wts is not None else 0,
                 pb.H, pb.W, pb.Ho, pb.Wo, P, *split_float(spec.scale),
@@ -234,6 +246,7 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
     cw = torch.empty(pb.B, pb.G, pb.K, 4, P, dtype=acc_t, device=dev) if deterministic else None
     int64 = force_int64 or _needs_int64(q, k, v, off_c, dout, dq, dk, dv, doff, saved, tgt)
     rpb_c = rpb.contiguous() if rpb is not None else None
+    win = _window_table(pb, spec, dev)
     with _on_device(v):
         for rows in _batches(pb.B):
             q_b, k_b, v_b, off_b, saved_b, dout_b, dq_b, dk_b, dv_b, doff_b, dwts_b, tgt_b, cw_b = _rows(
@@ -246,7 +259,7 @@ def upsample_bwd(dout, v, size, spec: Spec, offset=None, q=None, k=None, rpb=Non
                 dq_b if dq_b is not None else dummy, dk_b if dk_b is not None else dummy, dv_b,
                 doff_b if doff_b is not None else dummy, drpb if drpb is not None else dummy,
                 dwts_b if dwts_b is not None else dummy, tgt_b if tgt_b is not None else dummy,
-                cw_b if cw_b is not None else dummy,
+                cw_b if cw_b is not None else dummy, win if win is not None else dummy,
                 *_strides(q), *_strides(k), *v.stride(), off_c.stride(0) if off_c is not None else 0,
                 *dout.stride(), *_strides(dk), *dv.stride(), *_strides(dq),
                 pb.H, pb.W, pb.Ho, pb.Wo, P, *split_float(spec.scale), drpb.shape[0] if drpb is not None else 1,

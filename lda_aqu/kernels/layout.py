@@ -3,11 +3,18 @@ accumulation dtype, the channel runs of one group and one head, the neighbour co
 Plain torch, no Triton: `import upsampler` stays free of it."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 # how the samples are weighted, by one name and one number in every backend: the Triton kernels'
 # WEIGHTS constexpr and the C++ kernels' Problem.mode
 WEIGHT_MODES = {"unit": 0, "weights": 1, "logits": 2, "attention": 3}
+# where an output pixel's window lies, by one name and one number in every backend: "centered" on the
+# sample origin (plus offsets), "clamped" (NATTEN's neighbourhood: the k x k window around the nearest
+# source pixel, shifted to stay on the map), "ratio" (AnyUp's: the rows and columns whose cells lie
+# within a ratio of the map around the pixel centre, clamped at the borders, so its size varies)
+WINDOWS = {"centered": 0, "clamped": 1, "ratio": 2}
 # (pixel, corner) pairs per chunk of output rows in the torch path and per scatter pass of the native
 # backward: every per-pair intermediate stays cache-sized, so the cost per output pixel does not grow
 # with the map (tests shrink it to cross chunk edges on tiny maps)
@@ -80,3 +87,48 @@ def window_offsets(kernel_size, dtype, device=None) -> torch.Tensor:
         return torch.zeros(1, 2, dtype=dtype, device=device)
     n = torch.arange(kernel_size * kernel_size, device=device)
     return torch.stack((n // kernel_size, n % kernel_size), -1).to(dtype) - kernel_size // 2
+
+
+def ratio_box(n_in: int, ratio: float) -> int:
+    """The most rows (or columns) a "ratio" window spans: hi - lo < 2 * ratio * n_in + 2."""
+    return min(n_in, math.ceil(2 * ratio * n_in) + 1)
+
+
+def window_bounds(n_in, n_out, window: str, kernel_size, ratio: float, device=None):
+    """[lo, hi) of each output row's (or column's) window in input rows, int64 [n_out] each."""
+    if window == "clamped":
+        src = sample_origins(n_in, n_out, "nearest", torch.float32, device)[0].long()
+        lo = (src - kernel_size // 2).clamp(0, n_in - kernel_size)
+        return lo, lo + kernel_size
+    # AnyUp's rule, in float32 as its masks are made: centres (o + 0.5) / n_out, +- ratio, clipped to
+    # [0, 1], scaled to the input rows, floor for the first and ceil for the end
+    centre = (torch.arange(n_out, device=device, dtype=torch.float32) + 0.5) / n_out
+    lo = ((centre - ratio).clamp(0.0, 1.0) * n_in).floor().long()
+    hi = ((centre + ratio).clamp(0.0, 1.0) * n_in).ceil().long()
+    return lo, hi
+
+
+def window_origins(n_in, n_out, coords: str, window: str, kernel_size, ratio: float, dtype, device=None):
+    """sample_origins for every window: a "clamped" or "ratio" window of `kernel_size` (its box) rows is
+    the centered one around lo + kernel_size // 2, in input pixels (unit 1)."""
+    if window == "centered":
+        return sample_origins(n_in, n_out, coords, dtype, device)
+    lo = window_bounds(n_in, n_out, window, kernel_size, ratio, device)[0]
+    return (lo + kernel_size // 2).to(dtype), 1.0
+
+
+def window_extents(n_in, n_out, ratio: float, device=None) -> torch.Tensor:
+    """int32 [n_out]: the rows (or columns) of each "ratio" window; box positions past it take no part."""
+    lo, hi = window_bounds(n_in, n_out, "ratio", None, ratio, device)
+    return (hi - lo).to(torch.int32)
+
+
+def window_valid(size, in_size, kernel_size, ratio: float, device=None) -> torch.Tensor:
+    """bool [Ho, Wo, K] for a "ratio" window: neighbour n = i * kernel_size + j of pixel (Y, X) takes part
+    when i < its rows and j < its columns."""
+    (Ho, Wo), (H, W) = size, in_size
+    ey, ex = window_extents(H, Ho, ratio, device), window_extents(W, Wo, ratio, device)
+    i = torch.arange(kernel_size, device=device)
+    rows = i[None, :] < ey[:, None]  # [Ho, k]
+    cols = i[None, :] < ex[:, None]  # [Wo, k]
+    return (rows[:, None, :, None] & cols[None, :, None, :]).flatten(2)

@@ -38,6 +38,9 @@ ATTENTION: tl.constexpr = tl.constexpr(3)
 ALIGN_CORNERS: tl.constexpr = tl.constexpr(0)
 HALF_PIXEL: tl.constexpr = tl.constexpr(1)
 NEAREST: tl.constexpr = tl.constexpr(2)
+# kernels.layout.WINDOWS' numbers
+CLAMPED: tl.constexpr = tl.constexpr(1)
+RATIO: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -89,10 +92,12 @@ def _host_float(hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def _pixel_tile(H, W, Ho, Wo, P, BLOCK_P: tl.constexpr, COORD: tl.constexpr, INT64: tl.constexpr,
-                ACC: tl.constexpr):
+def _pixel_tile(H, W, Ho, Wo, P, win, BLOCK_P: tl.constexpr, COORD: tl.constexpr, WINDOW: tl.constexpr,
+                GRID: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr):
     """This program's output pixels: flat index, mask, row and column, and per pixel the origin
-    (yb, xb) and unit (uy, ux) of its positions, (yb + dy) * uy; P is int64 when offsets can pass 2**31."""
+    (yb, xb) and unit (uy, ux) of its positions, (yb + dy) * uy; P is int64 when offsets can pass 2**31.
+    A CLAMPED window's centre is kept GRID // 2 inside the map; a RATIO window's first row and column
+    come from win [first rows (Ho), first columns (Wo), ...], its centre GRID // 2 past them."""
     o_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < P
     o_y = o_p // Wo
@@ -121,6 +126,12 @@ def _pixel_tile(H, W, Ho, Wo, P, BLOCK_P: tl.constexpr, COORD: tl.constexpr, INT
                         (H - 1).to(tl.float32)).to(ACC)
         xb = tl.minimum(tl.floor(o_x.to(tl.float32) * tl.math.div_rn(W.to(tl.float32), Wo.to(tl.float32))),
                         (W - 1).to(tl.float32)).to(ACC)
+    if WINDOW == CLAMPED:
+        yb = tl.minimum(tl.maximum(yb, GRID // 2), H - 1 - GRID // 2)
+        xb = tl.minimum(tl.maximum(xb, GRID // 2), W - 1 - GRID // 2)
+    elif WINDOW == RATIO:
+        yb = (tl.load(win + o_y, mask=m_p, other=0) + GRID // 2).to(ACC)
+        xb = (tl.load(win + Ho + o_x, mask=m_p, other=0) + GRID // 2).to(ACC)
     return o_p, m_p, o_y, o_x, yb, xb, uy, ux, P
 
 
@@ -260,7 +271,7 @@ def _add_head(b_x, o_h, h, b_s):
 
 @triton.jit(do_not_specialize=["H", "W", "Ho", "Wo"])
 def upsample_fwd_kernel(
-    q, k, v, off, rpb, wts, out, attn,
+    q, k, v, off, rpb, wts, out, attn, win,
     s_qb, s_qc, s_qy, s_qx,
     s_kb, s_kc, s_ky, s_kx,
     s_vb, s_vc, s_vy, s_vx,
@@ -268,20 +279,22 @@ def upsample_fwd_kernel(
     H, W, Ho, Wo, P, scale_hi, scale_lo,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     NH_PAD: tl.constexpr, K_PAD: tl.constexpr, GRID: tl.constexpr, COORD: tl.constexpr, BORDER: tl.constexpr,
-    WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
+    WINDOW: tl.constexpr, WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
     STORE_ATTN: tl.constexpr, FLAT_Q: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """v [B, C, H, W], q [B, D, Ho, Wo], k [B, D, H, W] (any strides), off [B, G*2K, P] and wts (logits
     or weights) [B, NH, K, P] (contiguous but for the batch), rpb [NH, K, D//NH], out [B, C, P],
-    attn [B, NH, K, P] (the softmax, kept for the backward). P = Ho * Wo."""
+    attn [B, NH, K, P] (the softmax, kept for the backward), win the window's table (see _pixel_tile; a
+    RATIO window's rows (Ho) and columns (Wo) follow its first ones). P = Ho * Wo."""
     DG: tl.constexpr = D // G
     DH: tl.constexpr = D // NH
     CG: tl.constexpr = C // G
     CH: tl.constexpr = C // NH
     i_b = tl.program_id(1).to(tl.int64)
     scale = _host_float(scale_hi, scale_lo, ACC)
-    o_p, m_p, o_y, o_x, yb, xb, uy, ux, P = _pixel_tile(H, W, Ho, Wo, P, BLOCK_P, COORD, INT64, ACC)
+    o_p, m_p, o_y, o_x, yb, xb, uy, ux, P = _pixel_tile(H, W, Ho, Wo, P, win, BLOCK_P, COORD, WINDOW, GRID, INT64,
+                                                        ACC)
     v += i_b * s_vb
     off += i_b * s_ob
     o_n = tl.arange(0, K_PAD)
@@ -318,7 +331,12 @@ def upsample_fwd_kernel(
     elif WEIGHTS == LOGITS:
         b_l = tl.load(wts + i_b * s_wb + o_a, mask=m_hn, other=0.).to(ACC)
     if WEIGHTS == ATTENTION or WEIGHTS == LOGITS:
-        b_l = tl.where((o_n < K)[None, None, :], b_l, float('-inf'))
+        m_n = (o_n < K)[None, :]
+        if WINDOW == RATIO:  # box positions past the pixel's rows or columns take no part
+            e_y = tl.load(win + Ho + Wo + o_y, mask=m_p, other=GRID)
+            e_x = tl.load(win + 2 * Ho + Wo + o_x, mask=m_p, other=GRID)
+            m_n = m_n & ((o_n // GRID)[None, :] < e_y[:, None]) & ((o_n % GRID)[None, :] < e_x[:, None])
+        b_l = tl.where(m_n[:, None, :], b_l, float('-inf'))
         b_a = tl.exp(b_l - tl.max(b_l, axis=2)[:, :, None])
         b_a = b_a / tl.sum(b_a, axis=2)[:, :, None]
         if STORE_ATTN:
@@ -352,7 +370,7 @@ def upsample_fwd_kernel(
 
 @triton.jit(do_not_specialize=["H", "W", "Ho", "Wo", "n_slots"])
 def upsample_bwd_kernel(
-    q, k, v, off, rpb, attn, dout, dq, dk, dv, doff, drpb, dwts, tgt, cw,
+    q, k, v, off, rpb, attn, dout, dq, dk, dv, doff, drpb, dwts, tgt, cw, win,
     s_qb, s_qc, s_qy, s_qx,
     s_kb, s_kc, s_ky, s_kx,
     s_vb, s_vc, s_vy, s_vx,
@@ -364,7 +382,7 @@ def upsample_bwd_kernel(
     H, W, Ho, Wo, P, scale_hi, scale_lo, n_slots,
     D: tl.constexpr, C: tl.constexpr, G: tl.constexpr, NH: tl.constexpr, K: tl.constexpr,
     NH_PAD: tl.constexpr, K_PAD: tl.constexpr, GRID: tl.constexpr, COORD: tl.constexpr, BORDER: tl.constexpr,
-    WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
+    WINDOW: tl.constexpr, WEIGHTS: tl.constexpr, HAS_OFF: tl.constexpr, EXACT: tl.constexpr, HAS_RPB: tl.constexpr,
     ATOMIC: tl.constexpr, FLAT_Q: tl.constexpr, FLAT_DO: tl.constexpr, INT64: tl.constexpr, ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
 ):
@@ -382,7 +400,8 @@ def upsample_bwd_kernel(
     CH: tl.constexpr = C // NH
     i_b = tl.program_id(1).to(tl.int64)
     scale = _host_float(scale_hi, scale_lo, ACC)
-    o_p, m_p, o_y, o_x, yb, xb, uy, ux, P = _pixel_tile(H, W, Ho, Wo, P, BLOCK_P, COORD, INT64, ACC)
+    o_p, m_p, o_y, o_x, yb, xb, uy, ux, P = _pixel_tile(H, W, Ho, Wo, P, win, BLOCK_P, COORD, WINDOW, GRID, INT64,
+                                                        ACC)
     o_dop = _pixel_offsets(o_p, o_y, o_x, s_doy, s_dox, FLAT_DO)
     v += i_b * s_vb
     off += i_b * s_ob

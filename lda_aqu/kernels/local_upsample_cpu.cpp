@@ -34,6 +34,8 @@ struct Problem {
   const void *dout;
   void *dv, *dk, *dq, *dlogit, *dw, *doffset;
   int64_t need_v, need_offset, need_q, need_k, need_weights;
+  int64_t grid;                // the window's side: neighbour n is (n / grid, n % grid) of it
+  const int32_t *ey, *ex;      // [Ho], [Wo] rows and columns of a "ratio" window, or null: all K
 };
 
 // Problem's fields in order: lu_problem_layout reports each one's offset, size and kind, and
@@ -43,7 +45,7 @@ struct Problem {
   X(B) X(C) X(H) X(W) X(Ho) X(Wo) X(G) X(NH) X(K) X(Dq) X(mode) X(align) X(exact) X(border) X(has_offset) \
   X(has_rpb) X(n_threads) X(chunk_pixels) X(n_seg) X(n_qseg) X(unit_y) X(unit_x) X(scale) X(seg) X(qseg) \
   X(y0) X(x0) X(base) X(v) X(offset) X(q) X(k) X(rpb) X(given) X(out) X(w) X(dout) X(dv) X(dk) X(dq)     \
-  X(dlogit) X(dw) X(doffset) X(need_v) X(need_offset) X(need_q) X(need_k) X(need_weights)
+  X(dlogit) X(dw) X(doffset) X(need_v) X(need_offset) X(need_q) X(need_k) X(need_weights) X(grid) X(ey) X(ex)
 #define LU_FIELD_SIZE(f) +sizeof(Problem::f)
 static_assert(0 LU_PROBLEM_FIELDS(LU_FIELD_SIZE) == sizeof(Problem), "a field of Problem is missing above");
 #undef LU_FIELD_SIZE
@@ -356,10 +358,13 @@ void pixel_weights(const Problem& p, const Corners<T>& cs, int64_t b, int64_t pi
     }
   }
   const int64_t dh = p.Dq / p.NH;
+  // a "ratio" window's box positions past the pixel's rows or columns take no part in the softmax
+  const int32_t ry = p.ey ? p.ey[pix / p.Wo] : int32_t(p.grid), rx = p.ex ? p.ex[pix % p.Wo] : int32_t(p.grid);
   for (int64_t h = 0; h < p.NH; h++) {
     for (int64_t n = 0; n < K; n++) {
       if (p.has_rpb) wt[h * K + n] += dot(qp + h * dh, static_cast<const T*>(p.rpb) + (h * K + n) * dh, dh);
       wt[h * K + n] *= T(p.scale);
+      if (p.ey && (n / p.grid >= ry || n % p.grid >= rx)) wt[h * K + n] = -std::numeric_limits<T>::infinity();
     }
     softmax(wt + h * K, K);
   }

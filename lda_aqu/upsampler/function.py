@@ -29,9 +29,9 @@ def _config(kernel: str, v, size, q, offset, rpb, spec: Spec):
 @torch.library.custom_op("lda_aqu::upsample_fwd", mutates_args=())
 def upsample_fwd_op(v: torch.Tensor, size: list[int], offset: Optional[torch.Tensor], q: Optional[torch.Tensor],
                     k: Optional[torch.Tensor], rpb: Optional[torch.Tensor], wts: Optional[torch.Tensor], G: int,
-                    NH: int, K: int, weights: str, coords: str, padding: str, grid: int, scale: float,
-                    need_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    spec = Spec(G, NH, K, weights, coords, padding, grid, scale)
+                    NH: int, K: int, weights: str, coords: str, padding: str, grid: int, scale: float, window: str,
+                    ratio: float, need_attn: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = Spec(G, NH, K, weights, coords, padding, grid, scale, window, ratio)
     # the launcher stores the softmax weights (for the backward) only for softmax weight modes
     kernel = "fwd-train" if _keeps_attn(weights, need_attn) else "fwd"
     cfg = _config(kernel, v, size, q, offset, rpb, spec)
@@ -40,7 +40,7 @@ def upsample_fwd_op(v: torch.Tensor, size: list[int], offset: Optional[torch.Ten
 
 
 @upsample_fwd_op.register_fake
-def _(v, size, offset, q, k, rpb, wts, G, NH, K, weights, coords, padding, grid, scale, need_attn):
+def _(v, size, offset, q, k, rpb, wts, G, NH, K, weights, coords, padding, grid, scale, window, ratio, need_attn):
     B, C = v.shape[:2]
     attn = v.new_empty(B, NH, K, *size, dtype=acc_dtype(v.dtype)) if _keeps_attn(weights, need_attn) else v.new_empty(0)
     return v.new_empty(B, C, *size), attn
@@ -50,15 +50,17 @@ def _(v, size, offset, q, k, rpb, wts, G, NH, K, weights, coords, padding, grid,
 def upsample_bwd_op(dout: torch.Tensor, v: torch.Tensor, size: list[int], offset: Optional[torch.Tensor],
                     q: Optional[torch.Tensor], k: Optional[torch.Tensor], rpb: Optional[torch.Tensor],
                     wts: Optional[torch.Tensor], attn: Optional[torch.Tensor], G: int, NH: int, K: int, weights: str,
-                    coords: str, padding: str, grid: int, scale: float, deterministic: bool) -> list[torch.Tensor]:
-    spec = Spec(G, NH, K, weights, coords, padding, grid, scale)
+                    coords: str, padding: str, grid: int, scale: float, window: str, ratio: float,
+                    deterministic: bool) -> list[torch.Tensor]:
+    spec = Spec(G, NH, K, weights, coords, padding, grid, scale, window, ratio)
     cfg = _config("bwd-det" if deterministic else "bwd", v, size, q, offset, rpb, spec)
     grads = upsample_bwd(dout, v, size, spec, offset, q, k, rpb, wts, attn, config=cfg, deterministic=deterministic)
     return [g if g is not None else v.new_empty(0) for g in grads]
 
 
 @upsample_bwd_op.register_fake
-def _(dout, v, size, offset, q, k, rpb, wts, attn, G, NH, K, weights, coords, padding, grid, scale, deterministic):
+def _(dout, v, size, offset, q, k, rpb, wts, attn, G, NH, K, weights, coords, padding, grid, scale, window, ratio,
+      deterministic):
     return [torch.empty_like(t) if t is not None else v.new_empty(0) for t in (v, offset, q, k, rpb, wts)]
 
 
@@ -96,12 +98,12 @@ torch.library.register_autograd("lda_aqu::upsample_fwd", _grad, setup_context=_s
 
 
 def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
-                          coords, padding):
+                          coords, padding, window="centered", ratio=0.0):
     """`upsampler.local_upsample` through the Triton kernels; arguments already checked."""
     mode = weight_mode(q, logits, weights)
     wts = logits if logits is not None else weights
     K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)
-    spec = Spec(num_groups, num_heads, K, mode, coords, padding, kernel_size or 0, scale)
+    spec = Spec(num_groups, num_heads, K, mode, coords, padding, kernel_size or 0, scale, window, ratio)
     need_attn = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (v, offset, q, k, rpb, wts))
     return torch.ops.lda_aqu.upsample_fwd(v, list(size), offset, q, k, rpb, wts, *spec, need_attn)[0]

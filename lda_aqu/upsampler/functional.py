@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from .naive import COORDS, PADDINGS, local_upsample_ref
+from ..kernels.layout import ratio_box
+from .naive import COORDS, PADDINGS, WINDOWS, local_upsample_ref
 from .torch_path import is_exporting, local_upsample_torch
 
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -244,6 +245,7 @@ def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = No
                    logits: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
                    kernel_size: Optional[int] = None, num_groups: Optional[int] = None, num_heads: int = 1,
                    scale: Optional[float] = None, coords: str = "align_corners", padding: str = "zeros",
+                   window: str = "centered", window_ratio: Optional[float] = None, average_heads: bool = False,
                    backend: str = "auto") -> torch.Tensor:
     """Local sampling upsampler, the family LDA-AQU, CARAFE, DySample and interpolation belong to:
 
@@ -259,6 +261,15 @@ def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = No
         "nearest":       (floor(Y * H/Ho) + dy, ...): the source pixel F.interpolate(mode="nearest") picks,
                          offsets in input pixels (CARAFE).
     `padding`: "zeros" reads 0 outside the map, "border" clips the position to it (grid_sample's modes).
+
+    `window` places the k x k neighbours: "centered" adds (i - k//2, j - k//2) to the position above;
+    "clamped" (NATTEN's neighbourhood, NAF) takes the k rows clamp(floor(Y * H/Ho) - k//2, 0, H - k) + i
+    and the columns likewise, so that every pixel sees k*k real pixels (coords="nearest", no offset,
+    k <= H and W). `window_ratio=r` (AnyUp) takes the rows floor(clip((Y + 0.5)/Ho - r, 0, 1) * H) up to
+    ceil(clip((Y + 0.5)/Ho + r, 0, 1) * H) (in float32) and the columns likewise: a rectangle whose size
+    varies, outside of which no key takes part in the softmax (attention only, no offset or rpb).
+    `average_heads`: the heads' attention weights averaged and applied to all C channels of v
+    (nn.MultiheadAttention's average_attn_weights=True), instead of each head weighting its C/nh.
 
     Weights w, one of: softmax_n(scale * q . (k_n + rpb_n)) per head (q and k given: LDA-AQU),
     softmax_n(logits) (CARAFE's kernels), the given weights, or 1 for every sample (DySample,
@@ -280,11 +291,48 @@ def local_upsample(v: torch.Tensor, size, *, offset: Optional[torch.Tensor] = No
         [B, C, Ho, Wo] in v's dtype (the autocast dtype under autocast).
     """
     return _local_upsample("v", v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads,
-                           scale, coords, padding, backend)
+                           scale, coords, padding, backend, window, window_ratio, average_heads)
+
+
+def _check_window(v, size, offset, q, rpb, kernel_size, coords, window, window_ratio, average_heads):
+    """(window, ratio, kernel_size) for the backends: a "ratio" window's kernel_size is its box."""
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+    if not isinstance(average_heads, bool):
+        raise TypeError(f"average_heads must be a bool, got {type(average_heads).__name__}")
+    if average_heads and q is None:
+        raise ValueError("average_heads averages attention weights: it needs q and k")
+    H, W = v.shape[-2:]
+    if window_ratio is not None:
+        if window not in ("centered", "ratio"):
+            raise ValueError(f"window_ratio sets window='ratio', not {window!r}")
+        if isinstance(window_ratio, bool) or not isinstance(window_ratio, (int, float)) or \
+                not 0 < window_ratio < math.inf:
+            raise ValueError(f"window_ratio must be a positive finite number, got {window_ratio!r}")
+        for name, t in (("offset", offset), ("rpb", rpb), ("kernel_size", kernel_size)):
+            if t is not None:
+                raise ValueError(f"a window_ratio window takes no {name}: its size varies by pixel")
+        if q is None:
+            raise ValueError("a window_ratio window masks attention logits: it needs q and k")
+        return "ratio", float(window_ratio), max(ratio_box(H, window_ratio), ratio_box(W, window_ratio))
+    if window == "ratio":
+        raise ValueError("window='ratio' needs window_ratio")
+    if window == "clamped":
+        if coords != "nearest":
+            raise ValueError(f"window='clamped' is centred on the nearest source pixel: coords must be 'nearest', "
+                             f"got {coords!r}")
+        if offset is not None:
+            raise ValueError("window='clamped' takes no offset: the window itself is kept on the map")
+        if kernel_size is None:
+            raise ValueError("window='clamped' needs kernel_size")
+        if kernel_size > H or kernel_size > W:
+            raise ValueError(f"window='clamped' needs kernel_size <= the map's height and width, got kernel_size="
+                             f"{kernel_size} for {H}x{W}")
+    return window, 0.0, kernel_size
 
 
 def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
-                    coords, padding, backend):
+                    coords, padding, backend, window="centered", window_ratio=None, average_heads=False):
     """local_upsample, its arguments' devices and dtypes those of the argument `first`."""
     if isinstance(v, torch.Tensor) and autocasting(v.device.type):
         dt = torch.get_autocast_dtype(v.device.type)
@@ -293,6 +341,10 @@ def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_s
             for t in (v, offset, q, k, rpb, logits, weights))
     G, nh, K = _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads,
                               coords, padding, first)
+    window, ratio, box = _check_window(v, size, offset, q, rpb, kernel_size, coords, window, window_ratio,
+                                       average_heads)
+    if window != "centered":  # a window's positions are input pixels, whole ones
+        coords = "nearest"
     if q is None:
         scale = 1.0
     elif scale is None:
@@ -300,8 +352,21 @@ def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_s
     _check_scale(scale)
     if v.shape[0] == 0:
         return empty_output((0, v.shape[1], *size), v, offset, q, k, rpb, logits, weights)
-    return _run(backend, v, tuple(size), offset, q, k, rpb, logits, weights, kernel_size, G, nh, float(scale), coords,
-                padding)
+    if average_heads and nh > 1 and select_backend(backend, v) != "reference":
+        # the mean of the heads' weighted sums, each head over all of v: the heads' weights averaged
+        out = None
+        for h, (qh, kh) in enumerate(zip(q.chunk(nh, 1), k.chunk(nh, 1))):
+            term = _run(backend, v, tuple(size), offset, qh, kh, None if rpb is None else rpb[h:h + 1], logits,
+                        weights, kernel_size, box, G, 1, float(scale), coords, padding, window, ratio, False)
+            out = term if out is None else out.add_(term) if _inference(out) else out + term
+        return out.div_(nh) if _inference(out) else out / nh
+    return _run(backend, v, tuple(size), offset, q, k, rpb, logits, weights, kernel_size, box, G, nh, float(scale),
+                coords, padding, window, ratio, average_heads)
+
+
+def _inference(t: torch.Tensor) -> bool:
+    # adding in place into the running sum keeps one output alive, not two; autograd needs the copies
+    return not t.requires_grad
 
 
 def _check_scale(scale):
@@ -318,20 +383,23 @@ def empty_output(shape, *inputs) -> torch.Tensor:
     return tied.to(inputs[0].dtype).expand(shape).contiguous()
 
 
-def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
+def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, box, G, nh, scale, coords, padding,
+         window, ratio, average_heads):
+    """The chosen backend's output; `box` is the window's side for the backends (kernel_size, or a "ratio"
+    window's widest), the reference derives its own."""
     chosen = select_backend(backend, v)
     if chosen == "reference":
         return local_upsample_ref(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
                                   kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                  padding=padding)
+                                  padding=padding, window=window, window_ratio=ratio, average_heads=average_heads)
     if chosen == "torch":
         return local_upsample_torch(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
-                                    kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                    padding=padding)
+                                    kernel_size=box, num_groups=G, num_heads=nh, scale=scale, coords=coords,
+                                    padding=padding, window=window, ratio=ratio)
     from .function import local_upsample_triton
     return local_upsample_triton(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
-                                 kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                 padding=padding)
+                                 kernel_size=box, num_groups=G, num_heads=nh, scale=scale, coords=coords,
+                                 padding=padding, window=window, ratio=ratio)
 
 
 def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor,

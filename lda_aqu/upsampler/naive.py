@@ -7,10 +7,12 @@ path avoid. Autograd flows through it, offsets included. LDA-AQU is the case of 
 (softmax of q . (k + rpb) over the K samples) with align-corners positions; CARAFE, DySample and
 plain interpolation are other choices of positions and weights (see `local_upsample`).
 """
+import numpy as np
 import torch
 from einops import rearrange
 
 COORDS = ("align_corners", "half_pixel", "nearest")
+WINDOWS = ("centered", "clamped", "ratio")
 PADDINGS = ("zeros", "border")
 
 
@@ -95,32 +97,76 @@ def bilinear_sample(feat: torch.Tensor, iy: torch.Tensor, ix: torch.Tensor, padd
     return out
 
 
+def window_rows(n_in: int, n_out: int, window: str, kernel_size, ratio) -> list[tuple[int, int]]:
+    """(first, end) input rows of each output row's window, "clamped" or "ratio" (see local_upsample)."""
+    if window == "clamped":  # NATTEN: k rows around the nearest source row, kept on the map
+        src = output_grid(n_in, n_out, "nearest", torch.float64, None)[0].tolist()
+        firsts = [min(max(int(s) - kernel_size // 2, 0), n_in - kernel_size) for s in src]
+        return [(f, f + kernel_size) for f in firsts]
+    # AnyUp: cells within ratio of the row centre, in float32 arithmetic as its masks are made
+    f32, rows = np.float32, []
+    for o in range(n_out):
+        centre = f32(f32(o) + f32(0.5)) / f32(n_out)
+        lo = min(max(centre - f32(ratio), f32(0)), f32(1)) * f32(n_in)
+        hi = min(max(centre + f32(ratio), f32(0)), f32(1)) * f32(n_in)
+        rows.append((int(np.floor(lo)), int(np.ceil(hi))))
+    return rows
+
+
+def window_positions(size, in_size, window, kernel_size, ratio, dtype, device):
+    """Positions (iy, ix) [1, 1, K, Ho, Wo] of a "clamped" or "ratio" window's box, K = box**2 with the
+    box the widest window, and which of them take part, [Ho, Wo, K]."""
+    (Ho, Wo), (H, W) = size, in_size
+    rows, cols = window_rows(H, Ho, window, kernel_size, ratio), window_rows(W, Wo, window, kernel_size, ratio)
+    box = max(e - f for f, e in rows + cols)
+    i = torch.arange(box, device=device)
+    fy, ey = (torch.tensor(t, device=device) for t in zip(*rows))
+    fx, ex = (torch.tensor(t, device=device) for t in zip(*cols))
+    iy = fy[:, None, None, None] + i[None, None, :, None]  # [Ho, 1, i, 1]
+    ix = fx[None, :, None, None] + i[None, None, None, :]  # [1, Wo, 1, j]
+    valid = (iy < ey[:, None, None, None]) & (ix < ex[None, :, None, None])
+    iy, ix = torch.broadcast_tensors(iy, ix)
+    pos = [rearrange(t.flatten(2).to(dtype), "h w k -> () () k h w") for t in (iy, ix)]
+    return pos[0], pos[1], valid.flatten(2)
+
+
 def local_upsample_ref(v, size, *, offset=None, q=None, k=None, rpb=None, logits=None, weights=None,
                        kernel_size=None, num_groups: int = 1, num_heads: int = 1, scale: float = 1.0,
-                       coords: str = "align_corners", padding: str = "zeros"):
+                       coords: str = "align_corners", padding: str = "zeros", window: str = "centered",
+                       window_ratio=None, average_heads: bool = False):
     """v [B, C, H, W] -> [B, C, Ho, Wo]; the arguments are those of `upsampler.local_upsample`, checked.
 
     Weights, per head h and neighbour n: softmax_n(scale * q . (k_n + rpb_n)) when q and k are given,
-    softmax_n(logits) when logits [B, nh, K, Ho, Wo] are, the given weights [B, nh, K, Ho, Wo], or 1."""
+    softmax_n(logits) when logits [B, nh, K, Ho, Wo] are, the given weights [B, nh, K, Ho, Wo], or 1.
+    A "ratio" window's positions outside the window take no part in the softmax; average_heads: the
+    heads' softmax weights averaged, applied to every channel of v."""
     B, C, H, W = v.shape
     G, nh = num_groups, num_heads
-    iy, ix = positions(offset, size, (H, W), kernel_size=kernel_size, num_groups=G, coords=coords,
-                       dtype=v.dtype, device=v.device)
+    valid = None
+    if window == "centered":
+        iy, ix = positions(offset, size, (H, W), kernel_size=kernel_size, num_groups=G, coords=coords,
+                           dtype=v.dtype, device=v.device)
+    else:
+        iy, ix, valid = window_positions(size, (H, W), window, kernel_size, window_ratio, v.dtype, v.device)
+    exact = window != "centered" or coords == "nearest" and offset is None
 
-    def sample(x):  # [B, ch, H, W] -> [B, nh, K, ch // nh, Ho, Wo], each group at its own positions
-        s = bilinear_sample(rearrange(x, "b (g c) h w -> b g c h w", g=G), iy, ix, padding,
-                            exact=coords == "nearest" and offset is None)
-        return rearrange(s, "b g k c h w -> b k (g c) h w").unflatten(2, (nh, -1)).transpose(1, 2)
+    def sample(x, heads):  # [B, ch, H, W] -> [B, heads, K, ch // heads, Ho, Wo], each group at its own positions
+        s = bilinear_sample(rearrange(x, "b (g c) h w -> b g c h w", g=G), iy, ix, padding, exact=exact)
+        return rearrange(s, "b g k c h w -> b k (g c) h w").unflatten(2, (heads, -1)).transpose(1, 2)
 
-    vs = sample(v)
     if q is not None:
-        ks = sample(k)
+        ks = sample(k, nh)
         if rpb is not None:
             ks = ks + rearrange(rpb, "nh k c -> () nh k c () ()")
         qh = rearrange(q, "b (nh c) h w -> b nh c h w", nh=nh)
-        weights = torch.einsum("bhcyx,bhkcyx->bhkyx", qh * scale, ks).softmax(dim=2)
-    elif logits is not None:
+        logits = torch.einsum("bhcyx,bhkcyx->bhkyx", qh * scale, ks)
+    if logits is not None:
+        if valid is not None:
+            logits = logits.masked_fill(~rearrange(valid, "h w k -> () () k h w"), float("-inf"))
         weights = logits.softmax(dim=2)
+    if average_heads:
+        weights, nh = weights.mean(1, keepdim=True), 1
+    vs = sample(v, nh)
     if weights is None:
         out = vs.sum(2)
     else:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu as _cpu, layout as _layout
-from ..kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, sample_origins, segments as _segments,
-                            weight_mode, window_offsets)
+from ..kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, segments as _segments, weight_mode,
+                            window_extents, window_offsets, window_origins, window_valid)
 
 from . import cpu_cache
 
@@ -88,14 +88,15 @@ class _Pairs:
     dby/dbx their derivatives along the position.
     """
 
-    def __init__(self, v_shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, acc, device,
-                 grad=False):
+    def __init__(self, v_shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, window, ratio, acc,
+                 device, grad=False):
         _, _, H, W = v_shape
         Ho, Wo = size
         Wp = W + 2 * PAD
         self.n, self.K, self.rows = (r1 - r0) * Wo, K, (H + 2 * PAD) * Wp
         # positions [G, R, Wo, K, (y, x)] in input pixels
-        (y0, uy), (x0, ux) = sample_origins(H, Ho, coords, acc, device), sample_origins(W, Wo, coords, acc, device)
+        (y0, uy), (x0, ux) = (window_origins(n, m, coords, window, kernel_size, ratio, acc, device)
+                              for n, m in ((H, Ho), (W, Wo)))
         grid = torch.stack(torch.broadcast_tensors(y0[r0:r1].view(-1, 1), x0.view(1, Wo)), -1).unsqueeze(-2)
         grid = grid + window_offsets(kernel_size, acc, device)
         if offset is None:
@@ -190,28 +191,32 @@ def _coef(pairs, w, g, h):
     return pairs.bw[g] if w is None else pairs.bw[g] * w[h].unsqueeze(-1)
 
 
-def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc):
+def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc):
     """The native kernels' description of the problem: mode, groups, heads, K, channel runs, grid."""
     mode = weight_mode(q, logits, weights)
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     return _native_geometry(mode, *v.shape[1:], *size, kernel_size, K, G, nh, 0 if q is None else q.shape[1], coords,
-                            acc)
+                            window, ratio, acc)
 
 
 @functools.lru_cache(maxsize=256)
-def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, acc):
+def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, window, ratio, acc):
     # per call this would be a dozen small tensor ops: as much as the kernel itself on a 16x16 map
-    (y0, uy), (x0, ux) = sample_origins(H, Ho, coords, acc, "cpu"), sample_origins(W, Wo, coords, acc, "cpu")
+    (y0, uy), (x0, ux) = (window_origins(n, m, coords, window, kernel_size, ratio, acc, "cpu")
+                          for n, m in ((H, Ho), (W, Wo)))
     segs, qsegs = _segments(C, G, nh), _segments(Dq, G, nh) if Dq else []
+    extents = (window_extents(H, Ho, ratio), window_extents(W, Wo, ratio)) if window == "ratio" else None
     return dict(mode=mode, G=G, nh=nh, K=K, segs=segs, qsegs=qsegs, origins=(y0, x0),
-                base=window_offsets(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)))
+                base=window_offsets(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)),
+                grid=kernel_size or 1, extents=extents)
 
 
-def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, keep=True):
+def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, window, ratio,
+             keep=True):
     """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none."""
     acc = _acc(v.dtype)
     if _cpu.unavailable() is None:
-        a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
+        a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
                               scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep,
                               empty=cpu_cache.empty)
@@ -222,11 +227,13 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
     w = _given(logits, weights, acc) if q is None else v.new_empty(B, nh, Ho * Wo, K, dtype=acc)
     out = v.new_empty(B, C, Ho, Wo)
     segs, qsegs = _segments(C, G, nh), _segments(q.shape[1], G, nh) if q is not None else []
+    valid = window_valid(size, (H, W), kernel_size, ratio, v.device).view(-1, K) if window == "ratio" else None
     for b, r0, r1 in _chunks(B, size, G, K):
         if r0 == 0:
             vtab = [_table(v, b, c0, c1, acc) for _, _, c0, c1 in segs]
             ktab = [_table(k, b, c0, c1, acc) for _, _, c0, c1 in qsegs]
-        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, acc, v.device)
+        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, window, ratio, acc,
+                       v.device)
         wc = None if w is None else w[b, :, r0 * Wo:r1 * Wo]
         if q is not None:
             logit = v.new_zeros(nh, pairs.n, K, dtype=acc)
@@ -236,6 +243,8 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
             if rpb is not None:
                 qc = q[b, :, r0:r1].to(acc).reshape(nh, -1, pairs.n)
                 logit += torch.einsum("hcp,hnc->hpn", qc, rpb.to(acc))
+            if valid is not None:  # box positions outside a "ratio" window take no part
+                logit.masked_fill_(~valid[r0 * Wo:r1 * Wo], float("-inf"))
             wc.copy_(logit.mul_(scale).softmax(-1))
         for (g, h, c0, c1), table in zip(segs, vtab):
             _put(out, b, c0, c1, r0, pairs.gather(g, table, _coef(pairs, wc, g, h)))
@@ -243,11 +252,12 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
 
 
 def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
-              needs):
-    """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed."""
+              window, ratio, needs):
+    """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed; the forward's weights w
+    carry the window (zero outside a "ratio" window), so only the positions depend on it here."""
     if _cpu.unavailable() is None:
         return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
-                                coords, padding, needs)
+                                coords, padding, window, ratio, needs)
     acc = _acc(v.dtype)
     B, C, H, W = v.shape
     Ho, Wo = size
@@ -272,8 +282,8 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
                      for _, _, c0, c1 in segs] if n_v else None
             dktab = [v.new_zeros(H + 2 * PAD, W + 2 * PAD, c1 - c0, dtype=acc).view(-1, c1 - c0)
                      for _, _, c0, c1 in qsegs] if dk is not None else None
-        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, acc, v.device,
-                       grad=n_off)
+        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, window, ratio, acc,
+                       v.device, grad=n_off)
         p0, p1 = r0 * Wo, r1 * Wo
         wc = None if w is None else w[b, :, p0:p1]
         dwc = dout.new_zeros(nh, pairs.n, K, dtype=acc) if n_dw else None
@@ -333,10 +343,10 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
 
 
 def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
-                     needs):
+                     window, ratio, needs):
     acc = _acc(v.dtype)
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
-    a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, acc)
+    a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc)
     d = _cpu.backward(dout, v, size, offset, q, k, rpb, w, **a, scale=scale, coords=coords, padding=padding, acc=acc,
                       needs=(n_v, n_off, n_q, n_k, n_weights), empty=cpu_cache.empty)
     B, P, K = v.shape[0], size[0] * size[1], a["K"]
@@ -354,9 +364,9 @@ def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kerne
 
 
 def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
-              padding):
+              padding, window, ratio):
     out, w = _forward(v, offset, q, k, rpb, logits, weights, (Ho, Wo), kernel_size or None, num_groups, num_heads,
-                      scale, coords, padding)
+                      scale, coords, padding, window, ratio)
     return out, (w if w is not None else v.new_empty(0, dtype=_acc(v.dtype)))
 
 
@@ -364,13 +374,15 @@ def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_gr
 @torch.library.custom_op("lda_aqu::local_upsample_cpu", mutates_args=())
 def _fwd_op(v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor], rpb: Optional[Tensor],
             logits: Optional[Tensor], weights: Optional[Tensor], Ho: int, Wo: int, kernel_size: int, num_groups: int,
-            num_heads: int, scale: float, coords: str, padding: str) -> tuple[Tensor, Tensor]:
+            num_heads: int, scale: float, coords: str, padding: str, window: str, ratio: float
+            ) -> tuple[Tensor, Tensor]:
     return _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
-                     padding)
+                     padding, window, ratio)
 
 
 @_fwd_op.register_fake
-def _(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords, padding):
+def _(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords, padding,
+      window, ratio):
     K = _neighbours(offset, rpb, logits, weights, kernel_size, num_groups)
     weighted = q is not None or logits is not None or weights is not None
     w = v.new_empty(v.shape[0], num_heads, Ho * Wo, K, dtype=_acc(v.dtype)) if weighted \
@@ -379,24 +391,24 @@ def _(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, nu
 
 
 def _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale,
-              coords, padding, needs):
+              coords, padding, window, ratio, needs):
     grads = _backward(dout, v, offset, q, k, rpb, logits, weights, w if w.numel() else None, (Ho, Wo),
-                      kernel_size or None, num_groups, num_heads, scale, coords, padding, needs)
+                      kernel_size or None, num_groups, num_heads, scale, coords, padding, window, ratio, needs)
     return [d if d is not None else v.new_empty(0) for d in grads]
 
 
 @torch.library.custom_op("lda_aqu::local_upsample_cpu_bwd", mutates_args=())
 def _bwd_op(dout: Tensor, v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
             rpb: Optional[Tensor], logits: Optional[Tensor], weights: Optional[Tensor], w: Tensor, Ho: int, Wo: int,
-            kernel_size: int, num_groups: int, num_heads: int, scale: float, coords: str, padding: str,
-            needs: list[bool]) -> list[Tensor]:
+            kernel_size: int, num_groups: int, num_heads: int, scale: float, coords: str, padding: str, window: str,
+            ratio: float, needs: list[bool]) -> list[Tensor]:
     return _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale,
-                     coords, padding, needs)
+                     coords, padding, window, ratio, needs)
 
 
 @_bwd_op.register_fake
 def _(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
-      padding, needs):
+      padding, window, ratio, needs):
     ins = (v, offset, q, k, rpb, logits, weights)
     return [x.new_empty(x.shape) if n and x is not None else v.new_empty(0) for x, n in zip(ins, needs)]
 
@@ -463,7 +475,8 @@ def one_sample(v, size, o, padding, gain=1.0):
     return out.reshape(B, C, Ho, Wo).to(dtype)
 
 
-def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding):
+def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding, window="centered",
+           ratio=0.0):
     """The same op as standard differentiable ops (grid_sample per neighbour): for export, devices
     other than the CPU, and one-sample upsamplers. Samples are taken one neighbour at a time, but
     autograd keeps each one."""
@@ -472,7 +485,8 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
     K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     if K == 1 and coords == "half_pixel" and offset is not None and q is None and logits is None and weights is None:
         return one_sample(v, size, offset.view(-1, G, 2, Ho, Wo).flip(2).permute(0, 1, 3, 4, 2), padding)
-    (y0, uy), (x0, ux) = (sample_origins(n, m, coords, v.dtype, v.device) for n, m in ((H, Ho), (W, Wo)))
+    (y0, uy), (x0, ux) = (window_origins(n, m, coords, window, kernel_size, ratio, v.dtype, v.device)
+                          for n, m in ((H, Ho), (W, Wo)))
     d = window_offsets(kernel_size, v.dtype, v.device).view(1, 1, -1, 2, 1, 1)
     if offset is not None:
         d = offset.reshape(-1, G, K, 2, Ho, Wo) + d
@@ -515,7 +529,11 @@ def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scal
         logit = [(qh * sample(k, n)).sum(2) for n in range(K)]
         if rpb is not None:
             logit = [lg + torch.einsum("bhcyx,hc->bhyx", qh, rpb[:, n]) for n, lg in enumerate(logit)]
-        weights = torch.stack(logit, 2).softmax(2)
+        logit = torch.stack(logit, 2)
+        if window == "ratio":  # box positions outside the window take no part
+            valid = window_valid(size, (H, W), kernel_size, ratio, v.device).permute(2, 0, 1)
+            logit = logit.masked_fill(~valid, float("-inf"))
+        weights = logit.softmax(2)
     elif logits is not None:
         weights = logits.softmax(2)
     out = None
@@ -555,7 +573,7 @@ def _traced() -> bool:
 
 
 def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
-                         coords, padding):
+                         coords, padding, window="centered", ratio=0.0):
     """`upsampler.local_upsample` in PyTorch; arguments already checked."""
     # One unit-weight sample per pixel (DySample, interpolation) is exactly grid_sample, whose CPU kernel
     # is faster than the native one there (1.7 against 3.2 ms at 1x64x64x64 -> 128^2, 4 groups) and
@@ -564,12 +582,12 @@ def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_
         _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
     if v.device.type != "cpu" or single or is_exporting():
         return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
-                      padding)
+                      padding, window, ratio)
     args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
-            coords, padding)
+            coords, padding, window, ratio)
     if _traced():
         return torch.ops.lda_aqu.local_upsample_cpu(*args)[0]
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args[:7]):
         return _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size or None, num_groups, num_heads,
-                        scale, coords, padding, keep=False)[0]
+                        scale, coords, padding, window, ratio, keep=False)[0]
     return _Eager.apply(*args)
