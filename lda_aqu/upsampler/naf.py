@@ -66,9 +66,8 @@ class _RoPE(nn.Module):
 
 
 class _ImageEncoder(nn.Module):
-    def __init__(self, dim: int, heads_rope: int, use_encoder: bool, rope_base: float, rope_rescale, img_layers: int):
+    def __init__(self, dim: int, heads_rope: int, rope_base: float, rope_rescale, img_layers: int):
         super().__init__()
-        self.use_encoder = use_encoder
         self.encoder = _encoder(3, dim // 2, 1, img_layers)
         self.sem_encoder = _encoder(3, dim // 2, 3, img_layers)
         self.rope = _RoPE(dim, heads_rope, rope_base, rope_rescale)
@@ -157,7 +156,7 @@ class NAF(nn.Module):
             raise ValueError(f"rope_rescale must be None or a number >= 1, got {rope_rescale!r}")
         check_backend(backend)
         self.dim, self.heads_attn, self.heads_rope, self.kernel_size = dim, heads_attn, heads_rope, kernel_size
-        self.image_encoder = _ImageEncoder(dim, heads_rope, use_encoder, float(rope_base), rope_rescale, img_layers)
+        self.image_encoder = _ImageEncoder(dim, heads_rope, float(rope_base), rope_rescale, img_layers)
         self.upsampler = _NeighborhoodAttention(dim, heads_attn, kernel_size, backend)
 
     @property
