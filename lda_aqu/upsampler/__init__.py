@@ -9,11 +9,13 @@ from .functional import can_run_triton, deformable_local_attention, local_upsamp
 from .interpolation import interpolate
 from .layernorm import LayerNormProxy
 from .module import LDAAQU
+from .naf import NAF
 from .necks import FPN_LAU, FPN_UPSAMPLE, neck_state_dict
 from .naive import deformable_local_attention_ref, local_upsample_ref
 from .registry import register_mmengine
 
-__all__ = ["LDAAQU", "AnyUp", "LayerNormProxy", "CARAFE", "DySample", "SAPA", "SAPADeform", "FADE", "FPN", "FPN_LAU", "FPN_UPSAMPLE", "neck_state_dict",
+__all__ = ["LDAAQU", "AnyUp", "NAF", "LayerNormProxy", "CARAFE", "DySample", "SAPA", "SAPADeform", "FADE", "FPN",
+           "FPN_LAU", "FPN_UPSAMPLE", "neck_state_dict",
            "interpolate",
            "deformable_local_attention", "deformable_local_attention_ref", "local_upsample", "local_upsample_ref",
            "can_run_triton", "select_backend", "register_mmengine", "profile", "count_flops", "op_flops"]
