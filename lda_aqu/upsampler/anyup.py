@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import FLOAT_DTYPES, _check_extent, autocasting, check_backend, empty_output, local_upsample, \
-    not_scriptable, refuse_jit
-from .module import _positive_int
+from .args import _positive_int
+from .dispatch import FLOAT_DTYPES, autocasting, check_backend, refuse_jit
+from .functional import _check_extent, empty_output, local_upsample, not_scriptable
 
 
 class ResBlock(nn.Module):

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import FLOAT_DTYPES, check_backend, empty_output, local_upsample, not_scriptable
-from .module import _check_input, _odd_int, _positive_int
+from .args import _check_input, _odd_int, _positive_int
+from .dispatch import FLOAT_DTYPES, check_backend
+from .functional import empty_output, local_upsample, not_scriptable
 
 
 class _EncBlock(nn.Module):
