@@ -11,6 +11,7 @@ from helpers import fresh_seed, rel_err, seeded_randn
 from lda_aqu.upsampler import CARAFE, LDAAQU, DySample, local_upsample, select_backend
 from lda_aqu.upsampler import torch_path
 from lda_aqu.kernels import cpu, layout
+from lda_aqu.kernels.layout import Spec
 
 # (B, C, H, W, size, G, nh, kernel_size): odd sizes, groups and heads crossing unevenly, Ho = 1
 GEOMETRY = {
@@ -267,8 +268,10 @@ def test_plain_graph_matches_reference():
         G, nh = kw["num_groups"] or 1, 1 if mode == "unit" else GEOMETRY[name][6]
         for coords, padding in (("align_corners", "zeros"), ("half_pixel", "border")):
             scale = (t["q"].shape[1] // nh) ** -0.5 if mode == "attention" else 1.0
+            K = t["offset"].shape[1] // (2 * G) if t["offset"] is not None else (kw["kernel_size"] or 1) ** 2
+            spec = Spec(G, nh, K, mode, coords, padding, kw["kernel_size"] or 0, scale)
             out = torch_path._plain(t["v"], size, t["offset"], t.get("q"), t.get("k"), t.get("rpb"), t.get("logits"),
-                                    t.get("weights"), kw["kernel_size"], G, nh, scale, coords, padding)
+                                    t.get("weights"), spec)
             ref = run(t, size, kw, "reference", coords=coords, padding=padding)
             assert rel_err(out, ref) < 1e-10, f"{mode} {coords} offsets={offsets}, seed={seed}"
 
@@ -282,7 +285,8 @@ def test_plain_graph_one_weighted_sample():
     size, G = (8, 10), 2
     off = seeded_randn(2, 2 * G, *size, dtype=torch.float64, generator=g) * 2
     for weights in (None, seeded_randn(2, 1, 1, *size, dtype=torch.float64, generator=g)):
-        out = torch_path._plain(v, size, off, None, None, None, None, weights, None, G, 1, 1.0, "half_pixel", "border")
+        spec = Spec(G, 1, 1, "unit" if weights is None else "weights", "half_pixel", "border")
+        out = torch_path._plain(v, size, off, None, None, None, None, weights, spec)
         ref = local_upsample(v, size, offset=off, weights=weights, num_groups=G, coords="half_pixel",
                              padding="border", backend="reference")
         assert rel_err(out, ref) < 1e-12, f"weights={weights is not None}, seed={seed}"

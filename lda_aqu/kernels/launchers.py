@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import WEIGHT_MODES, WINDOWS, acc_dtype, segments, window_bounds
+from .layout import WEIGHT_MODES, WINDOWS, Spec, acc_dtype, segments, window_bounds  # noqa: F401 (Spec: the launchers' API)
 from .local_upsample import upsample_bwd_gather_kernel, upsample_bwd_kernel, upsample_drpb_kernel, upsample_fwd_kernel
 
 # kernels are decorated at import: the interpreter is on only if it was on then
@@ -21,20 +21,6 @@ MAX_GRID_X = 2**31 - 1
 # partial sums that the atomic backward's drpb is spread over (contention against scratch)
 DRPB_SLOTS = 256
 COORDS = {"align_corners": 0, "half_pixel": 1, "nearest": 2}
-
-
-class Spec(NamedTuple):
-    """How positions and weights are formed (see `upsampler.local_upsample`), beyond the sizes."""
-    G: int
-    NH: int
-    K: int
-    weights: str = "attention"  # "attention", "logits", "weights" or "unit"
-    coords: str = "align_corners"
-    padding: str = "zeros"
-    grid: int = 0  # kernel_size of the base window, 0 for none
-    scale: float = 1.0
-    window: str = "centered"  # layout.WINDOWS
-    ratio: float = 0.0  # a "ratio" window's ratio
 
 
 class Problem(NamedTuple):

@@ -4,6 +4,7 @@ Plain torch, no Triton: `import upsampler` stays free of it."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,24 @@ WINDOWS = {"centered": 0, "clamped": 1, "ratio": 2}
 # backward: every per-pair intermediate stays cache-sized, so the cost per output pixel does not grow
 # with the map (tests shrink it to cross chunk edges on tiny maps)
 CHUNK_PAIRS = 1 << 18
+
+
+
+class Spec(NamedTuple):
+    """A call of the op resolved once where `upsampler.local_upsample` checks it, and handed to every
+    backend but the reference (which derives its own): how positions and weights are formed, beyond the
+    tensors and sizes. The custom ops take its fields in this order."""
+    G: int
+    NH: int
+    K: int  # neighbours per group: grid**2 for a window, offsets' count otherwise
+    weights: str = "attention"  # a WEIGHT_MODES name
+    coords: str = "align_corners"
+    padding: str = "zeros"
+    grid: int = 0  # the window's side (a "ratio" window's widest), 0 for none
+    scale: float = 1.0
+    window: str = "centered"  # a WINDOWS name
+    ratio: float = 0.0  # a "ratio" window's ratio
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -43,19 +62,6 @@ def weight_mode(q, logits, weights) -> str:
     """The WEIGHT_MODES name of checked arguments: q (with k) attention, else logits, given weights, or unit."""
     return "attention" if q is not None else "logits" if logits is not None else \
         "weights" if weights is not None else "unit"
-
-
-def neighbours(offset, rpb, logits, weights, kernel_size, G: int) -> int:
-    """K of checked arguments (tensors or their shapes): the weights' [B, nh, K, ...], rpb's [nh, K, d],
-    offset's [B, G*2K, ...], else kernel_size**2, else 1."""
-    shape = [getattr(t, "shape", t) for t in (logits if logits is not None else weights, rpb, offset)]
-    if shape[0] is not None:
-        return shape[0][2]
-    if shape[1] is not None:
-        return shape[1][1]
-    if shape[2] is not None:
-        return shape[2][1] // (2 * G)
-    return kernel_size * kernel_size if kernel_size else 1
 
 
 # Sample geometry of the runtime paths (the torch path, the module's q upsampling). The eager reference

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
-from ..kernels.layout import neighbours
 
 from . import function as _function  # noqa: F401  (registers lda_aqu::upsample_fwd/bwd)
 from . import torch_path as _torch_path  # noqa: F401  (registers lda_aqu::local_upsample_cpu[_bwd])
@@ -36,15 +35,11 @@ def _register(target, formula):
         register_flop_formula(target)(formula)
 
 
-def _cpu_fwd(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, *args, out_shape=None,
-             **kwargs):
-    K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)  # shapes: flop_counter passes shapes
+def _cpu_fwd(v, offset, q, k, rpb, logits, weights, Ho, Wo, G, NH, K, *args, out_shape=None, **kwargs):
     return _count(v, Ho * Wo, K, q, rpb, False)
 
 
-def _cpu_bwd(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, *args, out_shape=None,
-             **kwargs):
-    K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)  # shapes: flop_counter passes shapes
+def _cpu_bwd(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, G, NH, K, *args, out_shape=None, **kwargs):
     return _count(v, Ho * Wo, K, q, rpb, True)
 
 

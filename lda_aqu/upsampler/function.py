@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..kernels.launchers import Problem, Spec, upsample_bwd, upsample_fwd
-from ..kernels.layout import acc_dtype, neighbours, weight_mode
+from ..kernels.layout import acc_dtype
 
 from .torch_path import refuse_double_backward
 
@@ -97,13 +97,9 @@ def _grad(ctx, dout, _dattn):
 torch.library.register_autograd("lda_aqu::upsample_fwd", _grad, setup_context=_setup)
 
 
-def local_upsample_triton(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
-                          coords, padding, window="centered", ratio=0.0):
-    """`upsampler.local_upsample` through the Triton kernels; arguments already checked."""
-    mode = weight_mode(q, logits, weights)
+def local_upsample_triton(v, size, spec: Spec, *, offset, q, k, rpb, logits, weights):
+    """`upsampler.local_upsample` through the Triton kernels; arguments already checked and resolved."""
     wts = logits if logits is not None else weights
-    K = neighbours(offset, rpb, logits, weights, kernel_size, num_groups)
-    spec = Spec(num_groups, num_heads, K, mode, coords, padding, kernel_size or 0, scale, window, ratio)
     need_attn = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (v, offset, q, k, rpb, wts))
     return torch.ops.lda_aqu.upsample_fwd(v, list(size), offset, q, k, rpb, wts, *spec, need_attn)[0]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.layout import ratio_box
+from ..kernels.layout import Spec, ratio_box, weight_mode
 from .dispatch import (BACKENDS, FLOAT_DTYPES, TRITON_DTYPES, autocasting, can_run_triton,  # noqa: F401
                        check_backend, choose)
 from .naive import COORDS, PADDINGS, WINDOWS, local_upsample_ref
@@ -299,17 +299,19 @@ def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_s
     _check_scale(scale)
     if v.shape[0] == 0:
         return empty_output((0, v.shape[1], *size), v, offset, q, k, rpb, logits, weights)
+    spec = Spec(G, nh, box * box if window == "ratio" else K, weight_mode(q, logits, weights), coords, padding,
+                box or 0, float(scale), window, ratio)
+    size = tuple(size)
     chosen = select_backend(backend, v)
     if average_heads and nh > 1 and chosen != "reference" and not (chosen == "torch" and averages_heads(v, q, k)):
         # the mean of the heads' weighted sums, each head over all of v: the heads' weights averaged
         out = None
         for h, (qh, kh) in enumerate(zip(q.chunk(nh, 1), k.chunk(nh, 1))):
-            term = _run(backend, v, tuple(size), offset, qh, kh, None if rpb is None else rpb[h:h + 1], logits,
-                        weights, kernel_size, box, G, 1, float(scale), coords, padding, window, ratio, False)
+            term = _run(backend, v, size, spec._replace(NH=1), offset, qh, kh, None if rpb is None else rpb[h:h + 1],
+                        logits, weights, False)
             out = term if out is None else out.add_(term) if _inference(out) else out + term
         return out.div_(nh) if _inference(out) else out / nh
-    return _run(backend, v, tuple(size), offset, q, k, rpb, logits, weights, kernel_size, box, G, nh, float(scale),
-                coords, padding, window, ratio, average_heads)
+    return _run(backend, v, size, spec, offset, q, k, rpb, logits, weights, average_heads and nh > 1)
 
 
 def _inference(t: torch.Tensor) -> bool:
@@ -331,23 +333,19 @@ def empty_output(shape, *inputs) -> torch.Tensor:
     return tied.to(inputs[0].dtype).expand(shape).contiguous()
 
 
-def _run(backend, v, size, offset, q, k, rpb, logits, weights, kernel_size, box, G, nh, scale, coords, padding,
-         window, ratio, average_heads):
-    """The chosen backend's output; `box` is the window's side for the backends (kernel_size, or a "ratio"
-    window's widest), the reference derives its own."""
+def _run(backend, v, size, spec: Spec, offset, q, k, rpb, logits, weights, average_heads):
+    """The chosen backend's output for a resolved call (the reference derives its own geometry)."""
     chosen = select_backend(backend, v)
     if chosen == "reference":
         return local_upsample_ref(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
-                                  kernel_size=kernel_size, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                  padding=padding, window=window, window_ratio=ratio, average_heads=average_heads)
+                                  kernel_size=None if spec.window == "ratio" else spec.grid or None, num_groups=spec.G,
+                                  num_heads=spec.NH, scale=spec.scale, coords=spec.coords, padding=spec.padding,
+                                  window=spec.window, window_ratio=spec.ratio, average_heads=average_heads)
     if chosen == "torch":
-        return local_upsample_torch(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
-                                    kernel_size=box, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                    padding=padding, window=window, ratio=ratio, average_heads=average_heads and nh > 1)
+        return local_upsample_torch(v, size, spec, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
+                                    average_heads=average_heads)
     from .function import local_upsample_triton
-    return local_upsample_triton(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
-                                 kernel_size=box, num_groups=G, num_heads=nh, scale=scale, coords=coords,
-                                 padding=padding, window=window, ratio=ratio)
+    return local_upsample_triton(v, size, spec, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights)
 
 
 def deformable_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: torch.Tensor,

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu as _cpu, layout as _layout
-from ..kernels.layout import (acc_dtype as _acc, neighbours as _neighbours, segments as _segments, weight_mode,
-                            window_extents, window_offsets, window_origins, window_valid)
+from ..kernels.layout import (Spec, acc_dtype as _acc, segments as _segments, window_extents, window_offsets,
+                            window_origins, window_valid)
 
 from . import cpu_cache
 from .dispatch import FLOAT_DTYPES, can_run_native, choose, is_exporting, traced as _traced
@@ -85,8 +85,8 @@ class _Pairs:
     dby/dbx their derivatives along the position.
     """
 
-    def __init__(self, v_shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, window, ratio, acc,
-                 device, grad=False):
+    def __init__(self, v_shape, size, b, r0, r1, offset, spec: Spec, acc, device, grad=False):
+        G, _, K, kernel_size, coords, padding, _, window, ratio = _unpack(spec)
         _, _, H, W = v_shape
         Ho, Wo = size
         Wp = W + 2 * PAD
@@ -188,42 +188,37 @@ def _coef(pairs, w, g, h):
     return pairs.bw[g] if w is None else pairs.bw[g] * w[h].unsqueeze(-1)
 
 
-def _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc,
-                 mean_heads=False):
+def _native_args(v, q, size, spec: Spec, acc, mean_heads=False):
     """The native kernels' description of the problem: mode, groups, heads, K, channel runs, grid."""
-    mode = weight_mode(q, logits, weights)
-    K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
-    return _native_geometry(mode, *v.shape[1:], *size, kernel_size, K, G, nh, 0 if q is None else q.shape[1], coords,
-                            window, ratio, acc, mean_heads)
+    return _native_geometry(*v.shape[1:], *size, 0 if q is None else q.shape[1], spec, acc, mean_heads)
 
 
 @functools.lru_cache(maxsize=256)
-def _native_geometry(mode, C, H, W, Ho, Wo, kernel_size, K, G, nh, Dq, coords, window, ratio, acc, mean_heads):
+def _native_geometry(C, H, W, Ho, Wo, Dq, spec: Spec, acc, mean_heads):
     # per call this would be a dozen small tensor ops: as much as the kernel itself on a 16x16 map
+    G, nh, K, kernel_size, coords, _, _, window, ratio = _unpack(spec)
     (y0, uy), (x0, ux) = (window_origins(n, m, coords, window, kernel_size, ratio, acc, "cpu")
                           for n, m in ((H, Ho), (W, Wo)))
     segs, qsegs = _segments(C, G, 1 if mean_heads else nh), _segments(Dq, G, nh) if Dq else []
     extents = (window_extents(H, Ho, ratio), window_extents(W, Wo, ratio)) if window == "ratio" else None
-    return dict(mode=mode, G=G, nh=nh, K=K, segs=segs, qsegs=qsegs, origins=(y0, x0),
+    return dict(mode=spec.weights, G=G, nh=nh, K=K, segs=segs, qsegs=qsegs, origins=(y0, x0),
                 base=window_offsets(kernel_size, acc).expand(K, 2).contiguous(), units=(float(uy), float(ux)),
                 grid=kernel_size or 1, extents=extents, mean_heads=mean_heads)
 
 
-def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, scale, coords, padding, window, ratio,
-             keep=True, mean_heads=False):
+def _forward(v, offset, q, k, rpb, logits, weights, size, spec: Spec, keep=True, mean_heads=False):
     """(out, the sample weights for backward); keep=False: no backward follows, the native kernel writes none;
     mean_heads (native, keep=False): the heads' weights averaged and applied to every channel."""
+    G, nh, K, kernel_size, coords, padding, scale, window, ratio = _unpack(spec)
     acc = _acc(v.dtype)
     if can_run_native(v, dtypes=FLOAT_DTYPES, node="compile") is None:
-        a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc,
-                         mean_heads)
+        a = _native_args(v, q, size, spec, acc, mean_heads)
         out, w = _cpu.forward(v, size, offset, q, k, rpb, logits if logits is not None else weights, **a,
                               scale=scale, coords=coords, padding=padding, acc=acc, keep_weights=keep,
                               empty=cpu_cache.empty)
         return out.to(v.dtype), w
     B, C, H, W = v.shape
     Ho, Wo = size
-    K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     w = _given(logits, weights, acc) if q is None else v.new_empty(B, nh, Ho * Wo, K, dtype=acc)
     out = v.new_empty(B, C, Ho, Wo)
     segs, qsegs = _segments(C, G, nh), _segments(q.shape[1], G, nh) if q is not None else []
@@ -232,8 +227,7 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
         if r0 == 0:
             vtab = [_table(v, b, c0, c1, acc) for _, _, c0, c1 in segs]
             ktab = [_table(k, b, c0, c1, acc) for _, _, c0, c1 in qsegs]
-        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, window, ratio, acc,
-                       v.device)
+        pairs = _Pairs(v.shape, size, b, r0, r1, offset, spec, acc, v.device)
         wc = None if w is None else w[b, :, r0 * Wo:r1 * Wo]
         if q is not None:
             logit = v.new_zeros(nh, pairs.n, K, dtype=acc)
@@ -251,17 +245,15 @@ def _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size, G, nh, sc
     return out, w
 
 
-def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
-              window, ratio, needs):
+def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, spec: Spec, needs):
     """Gradients of (v, offset, q, k, rpb, logits, weights), None where not needed; the forward's weights w
     carry the window (zero outside a "ratio" window), so only the positions depend on it here."""
     if can_run_native(v, dtypes=FLOAT_DTYPES, node="compile") is None:
-        return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale,
-                                coords, padding, window, ratio, needs)
+        return _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, spec, needs)
+    G, nh, K, kernel_size, coords, padding, scale, window, ratio = _unpack(spec)
     acc = _acc(v.dtype)
     B, C, H, W = v.shape
     Ho, Wo = size
-    K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
     n_off = n_off and offset is not None
     attention = q is not None and (n_q or n_k or n_rpb or n_off)
@@ -282,8 +274,7 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
                      for _, _, c0, c1 in segs] if n_v else None
             dktab = [v.new_zeros(H + 2 * PAD, W + 2 * PAD, c1 - c0, dtype=acc).view(-1, c1 - c0)
                      for _, _, c0, c1 in qsegs] if dk is not None else None
-        pairs = _Pairs(v.shape, size, b, r0, r1, offset, kernel_size, G, K, coords, padding, window, ratio, acc,
-                       v.device, grad=n_off)
+        pairs = _Pairs(v.shape, size, b, r0, r1, offset, spec, acc, v.device, grad=n_off)
         p0, p1 = r0 * Wo, r1 * Wo
         wc = None if w is None else w[b, :, p0:p1]
         dwc = dout.new_zeros(nh, pairs.n, K, dtype=acc) if n_dw else None
@@ -342,12 +333,13 @@ def _backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size,
     return tuple(None if d is None else d.to(x.dtype).contiguous() for d, x in zip(grads, ins))
 
 
-def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kernel_size, G, nh, scale, coords, padding,
-                     window, ratio, needs):
+def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, spec: Spec, needs):
     acc = _acc(v.dtype)
+    nh, scale = spec.NH, spec.scale
     n_v, n_off, n_q, n_k, n_rpb, n_logits, n_weights = needs
-    a = _native_args(v, offset, q, rpb, logits, weights, size, kernel_size, G, nh, coords, window, ratio, acc)
-    d = _cpu.backward(dout, v, size, offset, q, k, rpb, w, **a, scale=scale, coords=coords, padding=padding, acc=acc,
+    a = _native_args(v, q, size, spec, acc)
+    d = _cpu.backward(dout, v, size, offset, q, k, rpb, w, **a, scale=scale, coords=spec.coords, padding=spec.padding,
+                      acc=acc,
                       needs=(n_v, n_off, n_q, n_k, n_weights), empty=cpu_cache.empty)
     B, P, K = v.shape[0], size[0] * size[1], a["K"]
     drpb = dlogits = dweights = None
@@ -363,54 +355,54 @@ def _native_backward(dout, v, offset, q, k, rpb, logits, weights, w, size, kerne
     return tuple(None if g is None or not n else g.to(x.dtype).contiguous() for g, x, n in zip(grads, ins, needs))
 
 
-def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
-              padding, window, ratio):
-    out, w = _forward(v, offset, q, k, rpb, logits, weights, (Ho, Wo), kernel_size or None, num_groups, num_heads,
-                      scale, coords, padding, window, ratio)
+def _unpack(spec: Spec):
+    """The names the torch path reads: G, nh, K, kernel_size (None for no window), coords, padding, scale,
+    window, ratio."""
+    return spec.G, spec.NH, spec.K, spec.grid or None, spec.coords, spec.padding, spec.scale, spec.window, spec.ratio
+
+
+def _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, *spec):
+    out, w = _forward(v, offset, q, k, rpb, logits, weights, (Ho, Wo), Spec(*spec))
     return out, (w if w is not None else v.new_empty(0, dtype=_acc(v.dtype)))
 
 
-# custom ops, so torch.compile traces through the CPU path as one node (no graph break on the sparse ops)
+# custom ops, so torch.compile traces through the CPU path as one node (no graph break on the sparse ops);
+# after the sizes come the fields of the call's Spec
 @torch.library.custom_op("lda_aqu::local_upsample_cpu", mutates_args=())
 def _fwd_op(v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor], rpb: Optional[Tensor],
-            logits: Optional[Tensor], weights: Optional[Tensor], Ho: int, Wo: int, kernel_size: int, num_groups: int,
-            num_heads: int, scale: float, coords: str, padding: str, window: str, ratio: float
-            ) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
-                     padding, window, ratio)
+            logits: Optional[Tensor], weights: Optional[Tensor], Ho: int, Wo: int, G: int, NH: int, K: int, mode: str,
+            coords: str, padding: str, grid: int, scale: float, window: str, ratio: float) -> tuple[Tensor, Tensor]:
+    return _fwd_impl(v, offset, q, k, rpb, logits, weights, Ho, Wo, G, NH, K, mode, coords, padding, grid, scale,
+                     window, ratio)
 
 
 @_fwd_op.register_fake
-def _(v, offset, q, k, rpb, logits, weights, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords, padding,
-      window, ratio):
-    K = _neighbours(offset, rpb, logits, weights, kernel_size, num_groups)
-    weighted = q is not None or logits is not None or weights is not None
-    w = v.new_empty(v.shape[0], num_heads, Ho * Wo, K, dtype=_acc(v.dtype)) if weighted \
+def _(v, offset, q, k, rpb, logits, weights, Ho, Wo, G, NH, K, mode, *spec):
+    w = v.new_empty(v.shape[0], NH, Ho * Wo, K, dtype=_acc(v.dtype)) if mode != "unit" \
         else v.new_empty(0, dtype=_acc(v.dtype))
     return v.new_empty(v.shape[0], v.shape[1], Ho, Wo), w
 
 
-def _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale,
-              coords, padding, window, ratio, needs):
-    grads = _backward(dout, v, offset, q, k, rpb, logits, weights, w if w.numel() else None, (Ho, Wo),
-                      kernel_size or None, num_groups, num_heads, scale, coords, padding, window, ratio, needs)
+def _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, *spec_needs):
+    *spec, needs = spec_needs
+    grads = _backward(dout, v, offset, q, k, rpb, logits, weights, w if w.numel() else None, (Ho, Wo), Spec(*spec),
+                      needs)
     return [d if d is not None else v.new_empty(0) for d in grads]
 
 
 @torch.library.custom_op("lda_aqu::local_upsample_cpu_bwd", mutates_args=())
 def _bwd_op(dout: Tensor, v: Tensor, offset: Optional[Tensor], q: Optional[Tensor], k: Optional[Tensor],
             rpb: Optional[Tensor], logits: Optional[Tensor], weights: Optional[Tensor], w: Tensor, Ho: int, Wo: int,
-            kernel_size: int, num_groups: int, num_heads: int, scale: float, coords: str, padding: str, window: str,
+            G: int, NH: int, K: int, mode: str, coords: str, padding: str, grid: int, scale: float, window: str,
             ratio: float, needs: list[bool]) -> list[Tensor]:
-    return _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale,
-                     coords, padding, window, ratio, needs)
+    return _bwd_impl(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, G, NH, K, mode, coords, padding, grid,
+                     scale, window, ratio, needs)
 
 
 @_bwd_op.register_fake
-def _(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, kernel_size, num_groups, num_heads, scale, coords,
-      padding, window, ratio, needs):
+def _(dout, v, offset, q, k, rpb, logits, weights, w, Ho, Wo, *spec_needs):
     ins = (v, offset, q, k, rpb, logits, weights)
-    return [x.new_empty(x.shape) if n and x is not None else v.new_empty(0) for x, n in zip(ins, needs)]
+    return [x.new_empty(x.shape) if n and x is not None else v.new_empty(0) for x, n in zip(ins, spec_needs[-1])]
 
 
 def _setup(ctx, inputs, output):
@@ -475,14 +467,13 @@ def one_sample(v, size, o, padding, gain=1.0):
     return out.reshape(B, C, Ho, Wo).to(dtype)
 
 
-def _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, G, nh, scale, coords, padding, window="centered",
-           ratio=0.0):
+def _plain(v, size, offset, q, k, rpb, logits, weights, spec: Spec):
     """The same op as standard differentiable ops (grid_sample per neighbour): for export, devices
     other than the CPU, and one-sample upsamplers. Samples are taken one neighbour at a time, but
     autograd keeps each one."""
+    G, nh, K, kernel_size, coords, padding, scale, window, ratio = _unpack(spec)
     C, H, W = v.shape[1:]
     Ho, Wo = size
-    K = _neighbours(offset, rpb, logits, weights, kernel_size, G)
     if K == 1 and coords == "half_pixel" and offset is not None and q is None and logits is None and weights is None:
         return one_sample(v, size, offset.view(-1, G, 2, Ho, Wo).flip(2).permute(0, 1, 3, 4, 2), padding)
     (y0, uy), (x0, ux) = (window_origins(n, m, coords, window, kernel_size, ratio, v.dtype, v.device)
@@ -572,23 +563,17 @@ def averages_heads(*tensors) -> bool:
         not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-def local_upsample_torch(v, size, *, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale,
-                         coords, padding, window="centered", ratio=0.0, average_heads=False):
-    """`upsampler.local_upsample` in PyTorch; arguments already checked (average_heads where
-    averages_heads() says so)."""
+def local_upsample_torch(v, size, spec: Spec, *, offset, q, k, rpb, logits, weights, average_heads=False):
+    """`upsampler.local_upsample` in PyTorch; arguments already checked and resolved into `spec` (average_heads
+    where averages_heads() says so)."""
     if average_heads:
-        return _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size or None, num_groups, num_heads,
-                        scale, coords, padding, window, ratio, keep=False, mean_heads=True)[0]
-    single = q is None and logits is None and weights is None and \
-        _neighbours(offset, rpb, logits, weights, kernel_size, num_groups) == 1
+        return _forward(v, offset, q, k, rpb, logits, weights, size, spec, keep=False, mean_heads=True)[0]
+    single = spec.weights == "unit" and spec.K == 1
     if choose("torch", v, single=single).backend == "plain":
-        return _plain(v, size, offset, q, k, rpb, logits, weights, kernel_size, num_groups, num_heads, scale, coords,
-                      padding, window, ratio)
-    args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], kernel_size or 0, num_groups, num_heads, scale,
-            coords, padding, window, ratio)
+        return _plain(v, size, offset, q, k, rpb, logits, weights, spec)
+    args = (v, offset, q, k, rpb, logits, weights, size[0], size[1], *spec)
     if _traced():
         return torch.ops.lda_aqu.local_upsample_cpu(*args)[0]
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args[:7]):
-        return _forward(v, offset, q, k, rpb, logits, weights, size, kernel_size or None, num_groups, num_heads,
-                        scale, coords, padding, window, ratio, keep=False)[0]
+        return _forward(v, offset, q, k, rpb, logits, weights, size, spec, keep=False)[0]
     return _Eager.apply(*args)
