@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import _positive_int
+from .args import _output_size, _positive_int
 from .dispatch import FLOAT_DTYPES, autocasting, check_backend, refuse_jit
 from .functional import _check_extent, empty_output, local_upsample, not_scriptable
 
@@ -165,15 +165,6 @@ def _check_map(name: str, x, channels, weight: torch.Tensor):
         raise TypeError(f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: convert the "
                         f"module (module.to({x.dtype})) or the input ({name}.to({weight.dtype}))")
     _check_extent(name, x)
-
-
-def _output_size(size) -> tuple:
-    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 \
-            or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in size):
-        raise TypeError(f"output_size must be None or a pair of ints (h, w), got {size!r}")
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"output_size must be positive, got {tuple(size)}")
-    return tuple(size)
 
 
 class AnyUp(nn.Module):

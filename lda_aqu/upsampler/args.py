@@ -71,3 +71,13 @@ def _same_size(size, other) -> bool:
     level sizes to each other): what is not known to be equal counts as different, and the callers'
     path for a different size is exact for an equal one too."""
     return all(statically_known_true(a == b) for a, b in zip(size, other))
+
+
+def _output_size(size) -> tuple:
+    """A module's output_size: a pair of positive ints (h, w)."""
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 \
+            or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in size):
+        raise TypeError(f"output_size must be a pair of ints (h, w), got {size!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"output_size must be positive, got {tuple(size)}")
+    return tuple(size)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .args import _check_input, _odd_int, _positive_int
+from .args import _check_input, _odd_int, _output_size, _positive_int
 from .dispatch import FLOAT_DTYPES, check_backend
 from .functional import empty_output, local_upsample, not_scriptable
 
@@ -95,15 +95,6 @@ class _NeighborhoodAttention(nn.Module):
     def forward(self, q, k, v):
         return local_upsample(v.to(q.dtype), q.shape[-2:], q=q, k=k, num_heads=self.num_heads, scale=self.scale,
                               kernel_size=self.kernel_size, coords="nearest", window="clamped", backend=self.backend)
-
-
-def _output_size(output_size):
-    if not isinstance(output_size, (tuple, list, torch.Size)) or len(output_size) != 2 \
-            or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in output_size):
-        raise TypeError(f"output_size must be a pair of ints (h, w), got {output_size!r}")
-    if output_size[0] < 1 or output_size[1] < 1:
-        raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
-    return tuple(output_size)
 
 
 class NAF(nn.Module):
