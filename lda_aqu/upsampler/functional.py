@@ -70,11 +70,21 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
                    padding, first: str = "v", average_heads: bool = False):
     """(G, nh, K) of a local_upsample call, or a ValueError/TypeError naming the argument. `first`: the
     argument whose device and dtype the others must have (the caller's first tensor)."""
+    _check_map(v, size, coords, padding)
+    named = {n: t for n, t in dict(v=v, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights).items()
+             if t is not None}
+    _check_tensors(named, first)
+    _check_weighting(q, k, rpb, logits, weights, kernel_size, num_heads, num_groups)
+    nh, K = _heads_and_neighbours(v, size, q, k, rpb, logits, weights, kernel_size, num_heads, average_heads)
+    return _groups_and_neighbours(v, size, offset, q, rpb, K, nh, kernel_size, num_groups)
+
+
+def _check_map(v, size, coords, padding):
+    """v, the output size and the sampling rule."""
     _floating("v", v)
     if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 or not all(_is_int(s) for s in size):
         raise TypeError(f"size must be a pair of ints (Ho, Wo), got {size!r}")
-    B, C, H, W = v.shape
-    Ho, Wo = size
+    C, Ho, Wo = v.shape[1], *size
     if C == 0:
         raise ValueError(f"v has no channels: shape {tuple(v.shape)}")
     _check_extent("v", v)
@@ -86,8 +96,11 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
         raise ValueError(f"coords must be one of {COORDS}, got {coords!r}")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    named = {n: t for n, t in dict(v=v, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights).items()
-             if t is not None}
+
+
+def _check_tensors(named: dict, first: str):
+    """Every given tensor a tensor, on `first`'s device and of its dtype, of its rank, of v's batch."""
+    B = named["v"].shape[0]
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
@@ -103,6 +116,10 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
     batched = {n: t.shape[0] for n, t in named.items() if n != "rpb"}
     if any(b != B for b in batched.values()):
         raise ValueError(f"batch sizes differ: {', '.join(f'{n} {b}' for n, b in batched.items())}")
+
+
+def _check_weighting(q, k, rpb, logits, weights, kernel_size, num_heads, num_groups):
+    """One way of weighting the samples, and the counts' types."""
     if (q is None) != (k is None):
         raise ValueError("q and k go together: pass both (attention weights) or neither")
     if rpb is not None and q is None:
@@ -117,7 +134,10 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
     if num_groups is not None and (not _is_int(num_groups) or num_groups < 1):
         raise ValueError(f"num_groups must be a positive int or None, got {num_groups!r}")
 
-    # K and nh, from whichever argument carries them
+
+def _heads_and_neighbours(v, size, q, k, rpb, logits, weights, kernel_size, num_heads, average_heads):
+    """(nh, K or None): the heads and neighbours of whichever arguments carry them, which must agree."""
+    (C, H, W), (Ho, Wo) = v.shape[1:], size
     Ks = {}
     if kernel_size is not None:
         Ks["kernel_size**2"] = kernel_size * kernel_size
@@ -148,8 +168,13 @@ def _check_general(v, size, offset, q, k, rpb, logits, weights, kernel_size, num
         raise ValueError(f"num_heads={nh} must divide v's {C} channels")
     if len(set(Ks.values())) > 1:
         raise ValueError(f"the neighbour count K disagrees between arguments: {Ks}")
-    K = next(iter(Ks.values()), None)
+    return nh, next(iter(Ks.values()), None)
 
+
+def _groups_and_neighbours(v, size, offset, q, rpb, K, nh, kernel_size, num_groups):
+    """(G, nh, K): the offset groups and the final K, read from offset's channels where it has them."""
+    C = v.shape[1]
+    Ho, Wo = size
     G = 1
     if offset is not None:
         if tuple(offset.shape[2:]) != (Ho, Wo):
