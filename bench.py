@@ -5,6 +5,8 @@ beside their plain PyTorch forms, forward and forward+backward:
                     [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--budget-gib G] [--list]
                     [--torch-compile after|skip|only]
     python bench.py --sizes [SIDE ...] [--shape 1 C 1 1] [--threads N] [--budget-gib G]
+    python bench.py --cases anyup naf [--foundation IMAGE FEAT C] [--ratios R ..] [--foundation-extra [OUT FEAT ..]]
+                    [--threads N] [--budget-gib G] [--list]
 
 On a CPU: the LDAAQU module (the torch path) against the official-style module (same weights) at every
 k_u x scale x shape, CARAFE (each odd up_kernel among the kernel sizes, integer scales) against the
@@ -22,6 +24,13 @@ on the op's byte floor.
 --sizes: the cost against size instead, LDAAQU (C = 64 unless --shape gives another C) at k_u=3, s=2
 to square outputs of each SIDE (default 128 256 512 1024 2048), forward, and forward+backward up to
 SIZES_BWD_MAX, beside the official-style module where its estimate fits (cost_vs_size.png).
+
+--cases anyup naf: AnyUp and NAF (default constructors) against their official forms on the same weights
+(AnyUp's dense masked attention, NAF's k and v copied to the output then neighbourhood attention) at a
+448x448 image with 28x28x384 features, outputs 28 x each ratio (2 to 64) and 2048x2048 from 32x32
+(inference): ns per output pixel (min of interleaved steps) and each step's peak memory (peak RSS growth
+in a fresh process per point; CUDA: max_memory_allocated), an official point refused when its estimate
+exceeds the budget; foundation.csv, foundation.md (the goals' verdicts), foundation.png.
 
 Writes bench.csv into DIR (default results/<gpu name>/, results/cpu/ without a GPU), each row as it is
 measured (a run cut short keeps its rows), then the figures of bench_plots.py from it, and targets.md
@@ -621,26 +630,32 @@ def foundation_fns(model: str, m, image, features, size) -> dict:
     return {"ours": lambda: m(image, features, size), "official": official}
 
 
-def foundation_estimate(model: str, B: int, C: int, h: int, w: int, Ho: int, Wo: int, backward: bool) -> int:
+def foundation_estimate(model: str, B: int, C: int, image: int, h: int, w: int, Ho: int, Wo: int,
+                        backward: bool) -> int:
     """Bytes the official form's step peaks at (fp32), from its large tensors. AnyUp: the dense
     [B, heads, Ho*Wo, h*w] weights, two alive at once in inference (the logits and their masked or
     softmaxed copy), four in training (the kept softmax, the mean's expanded gradient, the softmax
-    backward's product and result), plus its bool mask and the output. NAF: k and v copied to the
-    output size, q scaled, the 81 offsets' logits (the list and its stack) and their softmax, and the
-    output's sum and temporaries; in training autograd keeps every offset's window of k and of v.
-    Both: the encoders' maps at the output size, which ours holds too."""
+    backward's product and result), its bool mask and the output. NAF: k and v copied to the output
+    size, q scaled, the 81 offsets' logits (the list and its stack) and their softmax, the output's sum
+    and temporaries; in training autograd keeps every offset's window of k and of v, and the peak RSS
+    measured at x2 to x4 is about 2.8x those windows (the backward's per-offset gradients, the heap's
+    retained blocks), so the estimate takes 3x. Both: the encoders' maps, which ours holds too, at the
+    image size (128 channels; peak RSS at x2: AnyUp about 6 such maps in inference and 57 in training,
+    NAF about 10 and 38, its image resized to at most 4x the output) and at the output size."""
     P, N = B * Ho * Wo, h * w
     if model == "anyup":
         nh, D = 4, 128
         dense = B * nh * Ho * Wo * N * 4
+        enc = B * image * image * D * 4 * (60 if backward else 6)
         shared = (10 if backward else 4) * D * P * 4 + (2 if backward else 1) * C * P * 4
-        return int((4 if backward else 2) * dense + Ho * Wo * N + shared)
+        return int((4 if backward else 2) * dense + Ho * Wo * N + shared + enc)
     nh, D, K2 = 4, 256, 81
+    side = min(image, 4 * min(Ho, Wo))
+    enc = B * side * side * D // 2 * 4 * (40 if backward else 10)
     per_px = 2 * D + C + D + 3 * K2 * nh + 4 * C  # copies of k and v, q scaled, logits twice and softmax, output
     if backward:
-        per_px += K2 * (D + C) + K2 * nh + 6 * (D + C)  # kept windows, the gradients' copies
-    shared = (3 if backward else 1) * D * P * 4
-    return int(per_px * P * 4 + shared)
+        per_px += 3 * K2 * (D + C)
+    return int(per_px * P * 4 + (3 if backward else 1) * D * P * 4 + enc)
 
 
 def foundation_points(harness, ratios, extra):
@@ -731,7 +746,7 @@ def _child(spec: dict) -> dict:
 
 
 def _gib(n) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
+    return f"{n / 2 ** 30:.2f} GiB" if abs(n) >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def run_foundation(points, threads, budget_s, rows):
@@ -741,9 +756,9 @@ def run_foundation(points, threads, budget_s, rows):
     for model, image, feat, C, out, d in points:
         backward = d == "training"
         px = out * out
-        est = foundation_estimate(model, 1, C, feat, feat, out, out, backward)
+        est = foundation_estimate(model, 1, C, image, feat, feat, out, out, backward)
         refused = est > BUDGET
-        base = dict(meta(), case=model, direction=d, dtype="fp32", B=1, C=C, image=image, h=feat, w=feat,
+        base = dict(meta(), threads=threads, case=model, direction=d, dtype="fp32", B=1, C=C, image=image, h=feat, w=feat,
                     ratio=out // feat, out_h=out, out_w=out)
         spec = dict(model=model, image=image, feat=feat, C=C, out=out, direction=d, threads=threads,
                     budget_s=budget_s)
@@ -871,7 +886,7 @@ def main_foundation(args, out):
     points = [p for p in points if p[0] in args.cases]
     if args.list:
         for model, image, feat, C, side, d in points:
-            est = foundation_estimate(model, 1, C, feat, feat, side, side, d == "training")
+            est = foundation_estimate(model, 1, C, image, feat, feat, side, side, d == "training")
             why = f"  (refused: needs ~{est / 2 ** 30:.1f} GiB (estimate))" if est > BUDGET else \
                 f"  (estimate {est / 2 ** 30:.1f} GiB)"
             print(f"{model} ours official image {image} features {C}x{feat}x{feat} -> {side}x{side} x{side // feat} "
