@@ -441,3 +441,45 @@ def test_foundation_end_to_end_on_a_tiny_harness(tmp_path, monkeypatch, capsys):
         else:
             assert x["status"].startswith("ok") and x["rel_err"] == "" and float(x["ms"]) > 0
     assert out.count("official refused, needs ~") == 2
+
+
+def test_foundation_goals_and_figure_from_made_up_rows(tmp_path):
+    """The goals' verdicts follow the numbers (ours 4x faster at a tenth of the memory at AnyUp's x16,
+    NAF's time per pixel 2x apart across ratios, its official refused in training and judged against
+    its estimate), and the figure draws refused points."""
+    base = dict(device="CPU (test), 2 cores", torch="2.x", triton="3.x", date="2026-01-01", threads=2, cores=2,
+                dtype="fp32", B=1, C=384, image=448, h=28, w=28, reps=3, load_before=0.5, load_after=0.7, status="ok")
+    rows = []
+    for model in ("anyup", "naf"):
+        for r in (2, 4, 8, 16):
+            for d in ("inference", "training"):
+                px = (28 * r) ** 2
+                ns = 100.0 * (r if model == "naf" and r >= 8 else 1)  # naf: 8 and 16 twice 4's per pixel
+                for b, slow, mem in (("ours", 1, 1), ("official", 4, 10)):
+                    row = dict(base, case=model, backend=b, direction=d, ratio=r, out_h=28 * r, out_w=28 * r,
+                               ms=ns * slow * px / 1e6, ns_per_pixel=ns * slow, peak_bytes=mem * px * 100,
+                               estimate_bytes=mem * px * 100 if b == "official" else "")
+                    if model == "naf" and d == "training" and b == "official":
+                        row.update(ms="", ns_per_pixel="", peak_bytes="", status="refused: needs ~9 GiB (estimate)")
+                    rows.append(row)
+    rows.append(dict(base, case="anyup", backend="ours", direction="inference", image=512, h=32, w=32, ratio=64,
+                     out_h=2048, out_w=2048, ms=1e3, ns_per_pixel=238.4, peak_bytes=20 * 2 ** 30))
+    path = tmp_path / "foundation.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench.FOUNDATION_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    text = bench.foundation_goals(bench_plots.read(str(path)), 28)
+    lines = text.splitlines()
+    x16 = [ln for ln in lines if ln.startswith("    anyup x16")]
+    assert len(x16) == 3 and all("4.00x faster" in ln and "= 0.100 of the official's" in ln
+                                 and ln.count(": pass") == 2 for ln in x16)
+    assert any(ln.startswith("    anyup inference:") and "max/min 1.00" in ln and ln.endswith("pass") for ln in lines)
+    # naf's ratios 4, 8, 16: 100, 800, 1600 ns per pixel
+    assert any(ln.startswith("    naf inference:") and "max/min 16.00" in ln and ln.endswith("**miss**")
+               for ln in lines)
+    naf4 = next(ln for ln in lines if ln.startswith("    naf x16 training"))
+    assert "refused" in naf4 and "speed not measured" in naf4 and "against the estimate" in naf4
+    assert any("2048x2048 from 32x32: peak 20.00 GiB" in ln and ln.endswith("**miss**") for ln in lines)
+    assert bench_plots.plot_all(str(path), str(tmp_path)) == [str(tmp_path / "foundation.png")]
+    assert (tmp_path / "foundation.png").stat().st_size > 10_000
