@@ -886,7 +886,8 @@ def foundation_goals(rows, harness_feat) -> str:
     for r in extra:
         size = f"{int(r['out_h'])}x{int(r['out_w'])} from {int(r['h'])}x{int(r['w'])}"
         if _ok_row(r):
-            total = f" (process total {_gib(r['peak_total_bytes'])})" if r.get("peak_total_bytes", "") != "" else ""
+            total = r.get("peak_total_bytes", "")
+            total = f" (process total {_gib(total)})" if total != "" else ""
             out.append(f"    {r['case']} {size}: peak {_gib(r['peak_bytes'])}{total} (goal <= {gl['extra_gib']:g} GiB): "
                        f"{verdict(r['peak_bytes'] <= gl['extra_gib'] * 2 ** 30)}")
         else:
