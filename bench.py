@@ -5,6 +5,8 @@ beside their plain PyTorch forms, forward and forward+backward:
                     [--cases module carafe dysample sapa sapadeform fade] [--threads N] [--budget-gib G] [--list]
                     [--torch-compile after|skip|only]
     python bench.py --sizes [SIDE ...] [--shape 1 C 1 1] [--threads N] [--budget-gib G]
+    python bench.py --cases anyup naf [--foundation IMAGE FEAT C] [--ratios R ..] [--foundation-extra [OUT FEAT ..]]
+                    [--threads N] [--budget-gib G] [--list]
 
 On a CPU: the LDAAQU module (the torch path) against the official-style module (same weights) at every
 k_u x scale x shape, CARAFE (each odd up_kernel among the kernel sizes, integer scales) against the
@@ -23,6 +25,13 @@ on the op's byte floor.
 to square outputs of each SIDE (default 128 256 512 1024 2048), forward, and forward+backward up to
 SIZES_BWD_MAX, beside the official-style module where its estimate fits (cost_vs_size.png).
 
+--cases anyup naf: AnyUp and NAF (default constructors) against their official forms on the same weights
+(AnyUp's dense masked attention, NAF's k and v copied to the output then neighbourhood attention) at a
+448x448 image with 28x28x384 features, outputs 28 x each ratio (2 to 64) and 2048x2048 from 32x32
+(inference): ns per output pixel (min of interleaved steps) and each step's peak memory (peak RSS growth
+in a fresh process per point; CUDA: max_memory_allocated), an official point refused when its estimate
+exceeds the budget; foundation.csv, foundation.md (the goals' verdicts), foundation.png.
+
 Writes bench.csv into DIR (default results/<gpu name>/, results/cpu/ without a GPU), each row as it is
 measured (a run cut short keeps its rows), then the figures of bench_plots.py from it, and targets.md
 (the CPU targets, pass or miss per point). On a GPU the op's torch.compile rows come after all others
@@ -35,8 +44,13 @@ import contextlib
 import csv
 import datetime
 import functools
+import gc
+import json
 import math
 import os
+import resource
+import subprocess
+import sys
 import time
 import weakref
 
@@ -287,10 +301,10 @@ class Rows(list):
     """The rows measured so far, each written to the CSV and flushed as it is appended (the header
     first): a run cut short by a time limit or a kill keeps every row it measured."""
 
-    def __init__(self, path):
+    def __init__(self, path, fields=None):
         super().__init__()
         self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=fields or FIELDS)
         self.writer.writeheader()
         self.file.flush()
 
@@ -573,6 +587,348 @@ def time_gpu(case, b, fn, x, dt, k_u, s, shape, backward) -> dict:
     return row
 
 
+# ---- the foundation upsamplers: AnyUp and NAF on a vision encoder's patch grid --------------------------
+
+FOUNDATION = ("anyup", "naf")
+FOUNDATION_HARNESS = (448, 28, 384)  # image side, feature side (patch 16), channels: NAF's evaluation
+FOUNDATION_RATIOS = (2, 4, 8, 16, 32, 64)
+FOUNDATION_EXTRA = ((2048, 32),)  # (output side, feature side): inference only, at the harness's C and patch
+FOUNDATION_FIELDS = ["device", "torch", "triton", "date", "threads", "cores", "malloc", "cpu_cache_gib", "case",
+                     "backend", "direction", "dtype", "B", "C", "image", "h", "w", "ratio", "out_h", "out_w", "ms",
+                     "ms_median", "ms_max", "reps", "ns_per_pixel", "peak_bytes", "peak_total_bytes",
+                     "rss_before_bytes", "estimate_bytes", "rel_err", "load_before", "load_after", "status"]
+FOUNDATION_GOALS = {"speed": 3.0, "memory": 1 / 3, "flat": 1.5, "extra_gib": 16.0, "train_memory": 0.5}
+
+
+def foundation_model(model: str, dev: str):
+    """The default AnyUp or NAF, seeded, in eval mode in both directions: NAF's training mode redraws
+    its RoPE rescaling at every forward, which would make ours and the official compute different
+    functions."""
+    from lda_aqu.upsampler import NAF, AnyUp
+    torch.manual_seed(0)
+    return (AnyUp() if model == "anyup" else NAF()).to(dev).eval()
+
+
+def foundation_fns(model: str, m, image, features, size) -> dict:
+    """{"ours": the module, "official": the module's encoders with the official attention}: one set of
+    weights, one function."""
+    import torch.nn.functional as F
+    if model == "anyup":
+        from lda_aqu.upsampler.official_anyup import dense_window_attention
+
+        def official():
+            enc = m.rope(m.image_encoder(image))
+            q = F.adaptive_avg_pool2d(m.query_encoder(enc), size)
+            k = F.adaptive_avg_pool2d(m.key_encoder(enc), features.shape[-2:])
+            k = m.aggregation(torch.cat([k, m.key_features_encoder(F.normalize(features, dim=1))], 1))
+            block = m.cross_decode
+            ca = block.cross_attn
+            q, k = ca.project(block.conv2d(q), ca.norm_q, 0), ca.project(k, ca.norm_k, 1)
+            return dense_window_attention(q, k, features, m.num_heads, block.window_ratio)
+    else:
+        from lda_aqu.upsampler.official_naf import official_attention
+
+        def official():
+            x = m.image_encoder(image, size)
+            return official_attention(x, F.adaptive_avg_pool2d(x, features.shape[-2:]), features, m.heads_attn,
+                                      m.kernel_size)
+    return {"ours": lambda: m(image, features, size), "official": official}
+
+
+def foundation_estimate(model: str, B: int, C: int, image: int, h: int, w: int, Ho: int, Wo: int,
+                        backward: bool) -> int:
+    """Bytes the official form's step peaks at (fp32), from its large tensors. AnyUp: the dense
+    [B, heads, Ho*Wo, h*w] weights, two alive at once in inference (the logits and their masked or
+    softmaxed copy), four in training (the kept softmax, the mean's expanded gradient, the softmax
+    backward's product and result), its bool mask and the output. NAF: k and v copied to the output
+    size, q scaled, the 81 offsets' logits (the list and its stack) and their softmax, the output's sum
+    and temporaries; in training autograd keeps every offset's window of k and of v, and the peak RSS
+    measured at x2 to x4 is about 2.8x those windows (the backward's per-offset gradients, the heap's
+    retained blocks), so the estimate takes 3x. Both: the encoders' maps, which ours holds too, at the
+    image size (128 channels; peak RSS at x2: AnyUp about 6 such maps in inference and 57 in training,
+    NAF about 10 and 38, its image resized to at most 4x the output) and at the output size."""
+    P, N = B * Ho * Wo, h * w
+    if model == "anyup":
+        nh, D = 4, 128
+        dense = B * nh * Ho * Wo * N * 4
+        enc = B * image * image * D * 4 * (60 if backward else 6)
+        shared = (10 if backward else 4) * D * P * 4 + (2 if backward else 1) * C * P * 4
+        return int((4 if backward else 2) * dense + Ho * Wo * N + shared + enc)
+    nh, D, K2 = 4, 256, 81
+    side = min(image, 4 * min(Ho, Wo))
+    enc = B * side * side * D // 2 * 4 * (40 if backward else 10)
+    per_px = 2 * D + C + D + 3 * K2 * nh + 4 * C  # copies of k and v, q scaled, logits twice and softmax, output
+    if backward:
+        per_px += 3 * K2 * (D + C)
+    return int(per_px * P * 4 + (3 if backward else 1) * D * P * 4 + enc)
+
+
+def foundation_points(harness, ratios, extra):
+    """(model, image side, feature side, C, output side, direction) of every point, the extra ones last."""
+    image, feat, C = harness
+    patch = image // feat
+    pts = [(mdl, image, feat, C, feat * r, d) for mdl in FOUNDATION for r in ratios
+           for d in ("inference", "training")]
+    return pts + [(mdl, f * patch, f, C, side, "inference") for side, f in extra for mdl in FOUNDATION]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def foundation_point(spec: dict) -> dict:
+    """One point in this (fresh) process: spec["mode"] "memory" measures one step of spec["impls"][0]
+    (on CPU the growth of the peak RSS over the RSS before it; on CUDA max_memory_allocated), "time"
+    times spec["impls"] interleaved and compares their outputs."""
+    dev = "cuda" if GPU else "cpu"
+    if not GPU:
+        torch.set_num_threads(spec["threads"])
+    model, backward, out = spec["model"], spec["direction"] == "training", spec["out"]
+    m = foundation_model(model, dev)
+
+    def inputs(side, feat, grad):
+        g = torch.Generator().manual_seed(1)
+        image = torch.rand(1, 3, side, side, generator=g).to(dev)
+        features = torch.randn(1, spec["C"], feat, feat, generator=g).to(dev).requires_grad_(grad)
+        return image, features
+    # a tiny step first: lazy initialisation (thread pools, native kernels) outside what is measured
+    tiny = foundation_fns(model, m, *inputs(20, 10, backward), (20, 20))
+    for b in spec["impls"]:
+        step(tiny[b], backward)
+    del tiny
+    fns = foundation_fns(model, m, *inputs(spec["image"], spec["feat"], backward), (out, out))
+    gc.collect()
+    if spec["mode"] == "memory":
+        b = spec["impls"][0]
+        if GPU:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base, high = _rss(), _maxrss()
+        t = time.perf_counter()
+        y = step(fns[b], backward)
+        if GPU:
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t) * 1e3
+        del y
+        total = torch.cuda.max_memory_allocated() if GPU else _maxrss()
+        # on CPU a step that stays under the process's earlier high-water mark leaves ru_maxrss as it was:
+        # its growth is then at most that mark over the RSS before it
+        return dict(peak_bytes=total - base, peak_total_bytes=total, rss_before_bytes=base, ms=ms,
+                    under_earlier_peak=not GPU and total == high)
+    # interleaved, at least 3 runs, more while under budget_s; after a warm-up each unless their steps are
+    # long (spec["warm"] false), where one more step would add minutes and what it warms (thread pools, the
+    # native kernels) the tiny step above has
+    outs = {b: step(fns[b], backward) for b in spec["impls"]} if spec.get("warm", True) else {}
+    times = {b: [] for b in spec["impls"]}
+    start, n = time.perf_counter(), 0
+    while n < 3 or (n < 15 and time.perf_counter() - start < spec["budget_s"]):
+        n += 1
+        for b in spec["impls"]:
+            outs.pop(b, None)  # at 2048x2048 an output is 6 GiB: never two of one implementation at once
+            t = time.perf_counter()
+            outs[b] = step(fns[b], backward)
+            if GPU:
+                torch.cuda.synchronize()
+            times[b].append((time.perf_counter() - t) * 1e3)
+    times = {b: sorted(v) for b, v in times.items()}
+    err = ""
+    if len(outs) == 2:  # in float64 a channel block at a time: no float64 copy of a whole large output
+        pairs = list(zip(outs["ours"].detach().split(8, 1), outs["official"].detach().split(8, 1)))
+        diff = sum((o.double() - r.double()).norm() ** 2 for o, r in pairs)
+        err = (diff / sum(r.double().norm() ** 2 for _, r in pairs)).sqrt().item()
+    return dict(times=times, rel_err=err)
+
+
+def _child(spec: dict) -> dict:
+    """foundation_point(spec) in a fresh interpreter: its peak RSS is this point's alone."""
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--foundation-point", json.dumps(spec)],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    line = next((ln for ln in reversed(r.stdout.splitlines()) if ln.startswith("{")), None)
+    if r.returncode == 0 and line:
+        return json.loads(line)
+    if r.returncode < 0:
+        why = f"killed by signal {-r.returncode}" + (" (out of memory?)" if r.returncode == -9 else "")
+    else:
+        tail = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        why = f"failed (exit {r.returncode}): {tail[-1][:120] if tail else 'no output'}"
+    return dict(error=why)
+
+
+def _gib(n) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if abs(n) >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def run_foundation(points, threads, budget_s, rows):
+    """Per point: each implementation's peak in a child process of its own, then both timed interleaved
+    in another (without a full-size warm-up step where the peak's step took over 5 s); the official form
+    refused where its estimate exceeds BUDGET."""
+    start = time.perf_counter()
+    for model, image, feat, C, out, d in points:
+        backward = d == "training"
+        px = out * out
+        est = foundation_estimate(model, 1, C, image, feat, feat, out, out, backward)
+        refused = est > BUDGET
+        base = dict(meta(), threads=threads, case=model, direction=d, dtype="fp32", B=1, C=C, image=image, h=feat,
+                    w=feat, ratio=out // feat, out_h=out, out_w=out)
+        spec = dict(model=model, image=image, feat=feat, C=C, out=out, direction=d, threads=threads,
+                    budget_s=budget_s)
+        if refused:
+            print(f"{model} {out}x{out} {d}: official refused, needs ~{_gib(est)} (estimate) over the "
+                  f"{_gib(BUDGET)} budget", flush=True)
+        impls = ["ours"] + ([] if refused else ["official"])
+        load_before = os.getloadavg()[0]
+        mem = {b: _child(dict(spec, mode="memory", impls=[b])) for b in impls}
+        ran = [b for b in impls if "error" not in mem[b]]
+        timed = _child(dict(spec, mode="time", impls=ran, warm=max([mem[b]["ms"] for b in ran] or [0]) < 5e3))
+        load_after = os.getloadavg()[0]
+        for b in ("ours", "official"):
+            row = dict(base, backend=b, load_before=load_before, load_after=load_after,
+                       estimate_bytes=est if b == "official" else "")
+            if b not in impls:
+                row["status"] = f"refused: needs ~{est / 2 ** 30:.1f} GiB (estimate) over the " \
+                                f"{BUDGET / 2 ** 30:.3g} GiB budget"
+            elif "error" in mem[b] or "error" in timed:
+                row["status"] = mem[b].get("error") or timed["error"]
+            else:
+                t = timed["times"][b]
+                mb = mem[b]
+                row.update(ms=_g(t[0]), ms_median=_g(t[len(t) // 2]), ms_max=_g(t[-1]), reps=len(t),
+                           ns_per_pixel=_g(t[0] * 1e6 / px), peak_bytes=mb["peak_bytes"],
+                           peak_total_bytes=mb["peak_total_bytes"], rss_before_bytes=mb["rss_before_bytes"],
+                           rel_err=f"{timed['rel_err']:.2e}" if timed["rel_err"] != "" else "",
+                           status="ok (peak under an earlier high-water mark: an upper bound)"
+                           if mb["under_earlier_peak"] else "ok")
+            rows.append(row)
+        print(f"{foundation_line(rows[-2], rows[-1])} [{time.perf_counter() - start:.0f} s]", flush=True)
+    return rows
+
+
+def _ok_row(r) -> bool:
+    return str(r["status"]).startswith("ok")
+
+
+def foundation_line(ours, off) -> str:
+    """One line per point; every comparison word follows from the numbers."""
+    head = f"{ours['case']:5} x{ours['ratio']:<2} {ours['out_h']}x{ours['out_w']} from {ours['h']}x{ours['w']} " \
+           f"{ours['direction']:9}"
+    if not _ok_row(ours):
+        return f"{head} ours: {ours['status']}"
+    line = f"{head} ours {ours['ns_per_pixel']} ns/px, peak {_gib(ours['peak_bytes'])}"
+    if _ok_row(off):
+        t, mem = float(off["ms"]) / float(ours["ms"]), ours["peak_bytes"] / max(off["peak_bytes"], 1)
+        line += f"; official {off['ns_per_pixel']} ns/px, peak {_gib(off['peak_bytes'])}: ours " \
+                f"{max(t, 1 / t):.2f}x {'faster' if t >= 1 else 'slower'}, {mem:.2f} of its peak, rel_err " \
+                f"{ours['rel_err']}"
+    else:
+        line += f"; official {off['status']}"
+    load = max(ours["load_before"], ours["load_after"])
+    return line + f"  [load {ours['load_before']:.2f}->{ours['load_after']:.2f}{' LOADED' if load > CORES else ''}]"
+
+
+def foundation_goals(rows, harness_feat) -> str:
+    """The goals of the foundation run, each verdict after its numbers."""
+    rows = [r for r in rows if r.get("case") in FOUNDATION]
+    key = {(r["case"], int(r["h"]), int(r["ratio"]), r["direction"], r["backend"]): r for r in rows}
+    gl = FOUNDATION_GOALS
+    out = []
+
+    def verdict(ok):
+        return "pass" if ok else "**miss**"
+
+    def versus(model, d, ratio, speed_goal, mem_goal):
+        o, b = key.get((model, harness_feat, ratio, d, "ours")), key.get((model, harness_feat, ratio, d, "official"))
+        if not o:
+            return f"{model} x{ratio} {d}: not run"
+        if not _ok_row(o):
+            return f"{model} x{ratio} {d}: ours {o['status']}: **miss**"
+        if b and _ok_row(b):
+            t, mem = float(b["ms"]) / float(o["ms"]), o["peak_bytes"] / b["peak_bytes"]
+            speed = f"{t:.2f}x faster" if t >= 1 else f"{1 / t:.2f}x slower"
+            return (f"{model} x{ratio} {d}: ours {speed} ({o['ns_per_pixel']} vs {b['ns_per_pixel']} ns/px; goal: "
+                    f"{speed_goal}x faster): {verdict(t >= speed_goal)}; peak {_gib(o['peak_bytes'])} vs "
+                    f"{_gib(b['peak_bytes'])} = {mem:.3f} of the official's (goal <= {mem_goal:.3g}): "
+                    f"{verdict(mem <= mem_goal)}")
+        est = b.get("estimate_bytes", "") if b else ""
+        note = f"{b['status']}" if b else "not run"
+        if est != "":
+            mem = o["peak_bytes"] / float(est)
+            return (f"{model} x{ratio} {d}: official {note}: speed not measured; peak {_gib(o['peak_bytes'])} = "
+                    f"{mem:.3f} of the official's estimate (goal <= {mem_goal:.3g}): {verdict(mem <= mem_goal)} "
+                    f"against the estimate")
+        return f"{model} x{ratio} {d}: official {note}"
+    out.append(f"(1) AnyUp at x16: ours >= {gl['speed']:g}x faster than the official and <= 1/3 of its peak memory")
+    out += ["    " + versus("anyup", d, 16, gl["speed"], gl["memory"]) for d in ("inference", "training")]
+    out.append(f"(2) ours' time per output pixel flat from x4 to x64 (max/min within {gl['flat']:g}x)")
+    for model in FOUNDATION:
+        for d in ("inference", "training"):
+            pts = {int(r["ratio"]): float(r["ns_per_pixel"]) for r in rows if r["case"] == model
+                   and int(r["h"]) == harness_feat and r["direction"] == d and r["backend"] == "ours" and _ok_row(r)
+                   and 4 <= int(r["ratio"]) <= 64}
+            asked = sorted(int(r["ratio"]) for r in rows if r["case"] == model and int(r["h"]) == harness_feat
+                           and r["direction"] == d and r["backend"] == "ours" and 4 <= int(r["ratio"]) <= 64)
+            if len(pts) < 2:
+                out.append(f"    {model} {d}: fewer than two timed ratios in x4..x64: not decided")
+                continue
+            spread = max(pts.values()) / min(pts.values())
+            lo, hi = min(pts, key=pts.get), max(pts, key=pts.get)
+            missing = sorted(set(asked) - set(pts))
+            out.append(f"    {model} {d}: {pts[lo]:.4g} ns/px at x{lo} to {pts[hi]:.4g} at x{hi}, max/min {spread:.2f} "
+                       f"(goal <= {gl['flat']:g}): {verdict(spread <= gl['flat'])}"
+                       + (f" (x{', x'.join(map(str, missing))} not timed)" if missing else ""))
+    out.append(f"(3) the extra outputs (default 2048x2048 from 32x32, C=384, inference) within {gl['extra_gib']:g} "
+               f"GiB peak")
+    extra = [r for r in rows if r["backend"] == "ours" and int(r["h"]) != harness_feat]
+    for r in extra:
+        size = f"{int(r['out_h'])}x{int(r['out_w'])} from {int(r['h'])}x{int(r['w'])}"
+        if _ok_row(r):
+            total = r.get("peak_total_bytes", "")
+            total = f" (process total {_gib(total)})" if total != "" else ""
+            out.append(f"    {r['case']} {size}: peak {_gib(r['peak_bytes'])}{total} (goal <= {gl['extra_gib']:g} GiB): "
+                       f"{verdict(r['peak_bytes'] <= gl['extra_gib'] * 2 ** 30)}")
+        else:
+            out.append(f"    {r['case']} {size}: {r['status']}: **miss**")
+    if not extra:
+        out.append("    not run")
+    out.append(f"(4) training at x16: ours <= {gl['train_memory']:g} of the official's peak memory and faster")
+    out += ["    " + versus(mdl, "training", 16, 1.0, gl["train_memory"]) for mdl in FOUNDATION]
+    return "\n".join(out) + "\n"
+
+
+def main_foundation(args, out):
+    points = foundation_points(args.foundation, args.ratios, args.foundation_extra)
+    points = [p for p in points if p[0] in args.cases]
+    if args.list:
+        for model, image, feat, C, side, d in points:
+            est = foundation_estimate(model, 1, C, image, feat, feat, side, side, d == "training")
+            why = f"  (refused: needs ~{est / 2 ** 30:.1f} GiB (estimate))" if est > BUDGET else \
+                f"  (estimate {est / 2 ** 30:.1f} GiB)"
+            print(f"{model} ours official image {image} features {C}x{feat}x{feat} -> {side}x{side} x{side // feat} "
+                  f"{d}" + why)
+        return []
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "foundation.csv")
+    rows = Rows(path, FOUNDATION_FIELDS)
+    threads = args.threads or 2
+    try:
+        image, feat, C = args.foundation
+        print(f"{device_name()}, {threads} thread(s), load average {os.getloadavg()[0]:.2f}, budget {_gib(BUDGET)}; "
+              f"image {image}, features {C}x{feat}x{feat}; each point in fresh processes", flush=True)
+        run_foundation(points, threads, 0.3 if args.quick else 2.0, rows)
+    finally:
+        rows.close()
+    text = foundation_goals(bench_plots.read_rows(rows), args.foundation[1])
+    open(os.path.join(out, "foundation.md"), "w").write(text)
+    print(text)
+    return [path, os.path.join(out, "foundation.md"), bench_plots.foundation(bench_plots.read(path), out)]
+
+
 # ---- the command line --------------------------------------------------------------------------------
 
 def parse(argv=None):
@@ -599,8 +955,19 @@ def parse(argv=None):
                     help="channel counts of the memory-only rows at the first map's size (default: 48 64 and the "
                          "maps' C; --quick: the maps' C)")
     cpu_cases = ["module", "carafe", "dysample", *GUIDED]
-    ap.add_argument("--cases", nargs="+", choices=["op"] + cpu_cases, default=None,
-                    help="which comparisons (default: all; op, the Triton kernels, needs a GPU)")
+    ap.add_argument("--cases", nargs="+", choices=["op"] + cpu_cases + list(FOUNDATION), default=None,
+                    help="which comparisons (default: all but anyup and naf; op, the Triton kernels, needs a GPU; "
+                         "anyup and naf: the foundation upsamplers against their official forms, foundation.csv)")
+    ap.add_argument("--foundation", type=int, nargs=3, metavar=("IMAGE", "FEAT", "C"), default=None,
+                    help="anyup/naf: image side, feature side and channels (default %s)"
+                         % " ".join(map(str, FOUNDATION_HARNESS)))
+    ap.add_argument("--ratios", type=int, nargs="+", metavar="R", default=None,
+                    help="anyup/naf: output side over feature side (default %s)"
+                         % " ".join(map(str, FOUNDATION_RATIOS)))
+    ap.add_argument("--foundation-extra", type=int, nargs="*", metavar="N", default=None,
+                    help="anyup/naf: pairs OUT FEAT of extra inference points at the harness's C and patch "
+                         "(default %s; none when given empty)" % " ".join(f"{a} {b}" for a, b in FOUNDATION_EXTRA))
+    ap.add_argument("--foundation-point", metavar="JSON", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", type=int, nargs="*", metavar="SIDE", default=None,
                     help=f"the cost against size: square outputs of these sides (default {' '.join(map(str, SIZES))}) "
                          "at k_u=3 (or the first --kernel-sizes), s=2 (or the first --scales), C from --shape (64)")
@@ -636,6 +1003,31 @@ def parse(argv=None):
             ap.error(f"--threads must be positive, got {args.threads}")
     if args.budget_gib is not None and not args.budget_gib > 0:
         ap.error(f"--budget-gib must be positive, got {args.budget_gib}")
+    found = [c for c in args.cases or [] if c in FOUNDATION]
+    if found and len(found) != len(args.cases):
+        ap.error("--cases anyup/naf is a run of its own (foundation.csv): name no other case beside them")
+    if not found and (args.foundation or args.ratios or args.foundation_extra is not None):
+        ap.error("--foundation, --ratios and --foundation-extra belong to --cases anyup naf")
+    if found:
+        args.foundation = tuple(args.foundation or FOUNDATION_HARNESS)
+        image, feat, C = args.foundation
+        if min(args.foundation) < 1 or image % feat or C % 4:
+            ap.error(f"--foundation needs positive sizes, the image a multiple of the features (the patch) and C a "
+                     f"multiple of 4 (NAF's heads), got {list(args.foundation)}")
+        args.ratios = args.ratios or list(FOUNDATION_RATIOS)
+        if min(args.ratios) < 1:
+            ap.error(f"--ratios must be positive, got {args.ratios}")
+        extra = FOUNDATION_EXTRA if args.foundation_extra is None else args.foundation_extra
+        if args.foundation_extra is not None:
+            if len(extra) % 2 or any(n < 1 for n in extra):
+                ap.error(f"--foundation-extra takes pairs of positive OUT FEAT, got {extra}")
+            extra = list(zip(extra[::2], extra[1::2]))
+        if feat < 9 or any(f < 9 for _, f in extra):
+            ap.error("--foundation's features need at least 9x9 (NAF's default 9x9 window)")
+        args.foundation_extra = extra
+        if args.dtype and args.dtype != ["fp32"]:
+            ap.error(f"--dtype {' '.join(args.dtype)}: anyup and naf run fp32")
+        return args
     if args.sizes is not None:
         if GPU or args.cases:
             ap.error("--sizes is a CPU run of its own (no --cases)")
@@ -670,6 +1062,13 @@ def main(argv=None):
     args = parse(argv)
     if args.budget_gib is not None:
         BUDGET = int(args.budget_gib * 2 ** 30)
+    if args.foundation_point:
+        print(json.dumps(foundation_point(json.loads(args.foundation_point))), flush=True)
+        return
+    if args.cases[0] in FOUNDATION:
+        for p in main_foundation(args, args.out or os.path.join("results", device_slug())):
+            print(f"wrote {p}")
+        return
     if not GPU:
         torch.set_num_threads(args.threads or 2)
     comps = comparisons(args.cases, args.shapes, args.kernel_sizes, args.scales, args.upsampler_shape)

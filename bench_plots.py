@@ -8,7 +8,9 @@ case, shape and dtype; speedup.png: the speed-up
 over each case's baseline as a k_u x scale heat map; memory.png: what autograd keeps for backward
 against k_u and scale; memory_ratio.png: ours over the official-style module's on the narrow maps,
 per backend; gbps.png (GPU runs): effective GB/s on the op's byte floor; cost_vs_size.png (bench.py
---sizes): time and memory kept for backward per output pixel against the output size, log-log. Titles name the device,
+--sizes): time and memory kept for backward per output pixel against the output size, log-log;
+foundation.png (--cases anyup naf, from foundation.csv): time per output pixel and peak memory against
+the output ratio, ours and the official forms, log-log. Titles name the device,
 dtype, shape, threads and baseline, and flag a run whose load average exceeded the core count.
 """
 from __future__ import annotations
@@ -28,7 +30,10 @@ BASELINES = {"op": "eager", "module": "official-style", "carafe": "unfold", "dys
              "size": "official-style"}
 WINDOWED = ("carafe", "sapa", "sapadeform", "fade")  # the cases with a kernel size (CARAFE's plots)
 NUMERIC = ("k_u", "scale", "B", "C", "H", "W", "ms", "ms_median", "ms_max", "mpix_per_s", "gb_per_s",
-           "saved_for_backward_bytes", "load_before", "load_after", "cores", "threads", "gflops", "limit_fraction")
+           "saved_for_backward_bytes", "load_before", "load_after", "cores", "threads", "gflops", "limit_fraction",
+           # foundation.csv
+           "image", "h", "w", "ratio", "out_h", "out_w", "ns_per_pixel", "peak_bytes", "peak_total_bytes",
+           "rss_before_bytes", "estimate_bytes")
 MEMORY_TARGET = 0.2  # kept for backward: at most 1/5 of the official-style module's
 
 
@@ -284,12 +289,67 @@ def cost_vs_size(rows, out):
     return _save(fig, out, "cost_vs_size.png")
 
 
+def foundation(rows, out):
+    """bench.py --cases anyup naf: time per output pixel and peak memory against the output ratio,
+    log-log, one row of panels per model; ours solid, the official form dashed, inference and training
+    in their colours; the extra points (another feature size) as stars; a refused official point as an
+    x at its estimate (memory) and a grey line (time)."""
+    sel = [r for r in rows if r.get("ratio", "") != ""]
+    models = [m for m in ("anyup", "naf") if any(r["case"] == m for r in sel)]
+    if not models:
+        return None
+    harness = max({r["h"] for r in sel}, key=lambda h: sum(r["h"] == h for r in sel))
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.8 * len(models)), squeeze=False)
+    colours = {"inference": "C0", "training": "C1"}
+    for i, model in enumerate(models):
+        pts = [r for r in sel if r["case"] == model]
+        main = [r for r in pts if r["h"] == harness]
+        for ax, key, scale, ylabel in ((axes[i][0], "ns_per_pixel", 1.0, "time per output pixel (ns, log)"),
+                                       (axes[i][1], "peak_bytes", 2.0 ** -30, "peak memory of the step (GiB, log)")):
+            for b in ("ours", "official"):
+                for d, c in colours.items():
+                    line = sorted((r["ratio"], r[key] * scale) for r in main if r["backend"] == b
+                                  and r["direction"] == d and str(r["status"]).startswith("ok") and r[key] != "")
+                    if line:
+                        ax.plot([p[0] for p in line], [p[1] for p in line], "-" if b == "ours" else "--", color=c,
+                                marker="o" if b == "ours" else "s", mfc=c if b == "ours" else "none",
+                                label=f"{b}, {d}")
+                    refused = [r for r in main if r["backend"] == b and r["direction"] == d
+                               and str(r["status"]).startswith("refused")]
+                    for r in refused:
+                        if key == "peak_bytes" and r.get("estimate_bytes", "") != "":
+                            ax.plot(r["ratio"], r["estimate_bytes"] * scale, "x", color=c, ms=8,
+                                    label=f"{b}, {d}: refused (estimate)" if r is refused[0] else None)
+                        elif key == "ns_per_pixel":
+                            ax.axvline(r["ratio"], color="grey", lw=0.8, ls=":")
+            for r in pts:
+                if r["h"] != harness and r["backend"] == "ours" and str(r["status"]).startswith("ok"):
+                    ax.plot(r["ratio"], r[key] * scale, "*", color=colours[r["direction"]], ms=12,
+                            label=f"ours, {int(r['out_h'])}x{int(r['out_w'])} from {int(r['h'])}x{int(r['w'])}, "
+                                  f"{r['direction']}")
+            ratios = sorted({r["ratio"] for r in pts})
+            ax.set(xscale="log", yscale="log", xlabel="output side / feature side (log)", ylabel=ylabel)
+            ax.set_xticks(ratios, [f"x{int(x)}" for x in ratios])
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+            r0 = main[0] if main else pts[0]
+            ax.set_title(f"{model}: image {int(r0['image'])}, features {int(r0['C'])}x{int(r0['h'])}x{int(r0['w'])}"
+                         + ("; official refused right of the grey lines" if key == "ns_per_pixel"
+                            and any(str(r["status"]).startswith("refused") for r in main) else ""), fontsize=9)
+    fig.suptitle(f"AnyUp and NAF against their official forms: ours solid, official dashed\n{run_label(rows)}")
+    return _save(fig, out, "foundation.png")
+
+
 def plot_all(rows, out: str) -> list[str]:
     """Draw every figure the rows allow into out; the paths written."""
     if isinstance(rows, str):
         rows = read(rows)
     if not rows:
         raise ValueError("no rows to plot")
+    if {"ratio", "case", "backend", "direction", "status"} <= set(rows[0]):  # foundation.csv
+        os.makedirs(out, exist_ok=True)
+        return [p for p in [foundation(rows, out)] if p]
     missing = {"device", "case", "backend", "direction", "status", "k_u", "scale"} - set(rows[0])
     if missing:
         raise ValueError(f"not a bench.py CSV: columns {sorted(missing)} are missing")

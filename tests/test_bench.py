@@ -39,6 +39,11 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU grid's 
     (["--sizes", "33"], "multiples of the integer scale"),
     (["--sizes", "--cases", "module"], "no --cases"),
     (["--torch-compile", "only"], "a CPU run has none"),
+    (["--cases", "anyup", "module"], "a run of its own"),
+    (["--ratios", "2"], "belong to --cases anyup naf"),
+    (["--cases", "naf", "--foundation", "40", "12", "8"], "a multiple of the features"),
+    (["--cases", "naf", "--foundation", "32", "8", "8"], "at least 9x9"),
+    (["--cases", "naf", "--foundation-extra", "2048"], "pairs of positive OUT FEAT"),
 ])
 def test_bad_flags_are_refused_with_the_reason(argv, why, capsys):
     with pytest.raises(SystemExit) as e:
@@ -387,3 +392,94 @@ def test_dynamo_fallback_is_reported():
     with torch._dynamo.config.patch(recompile_limit=2):
         flagged = note(torch.sin, *[(torch.ones(n),) for n in (2, 3, 4, 5)])
     assert flagged[1] is True and "recompile limit (2) reached" in flagged[0]
+
+
+@CPU_ONLY
+@pytest.mark.slow
+def test_foundation_end_to_end_on_a_tiny_harness(tmp_path, monkeypatch, capsys):
+    """--cases anyup naf on a tiny harness (ratios 2 and 4, both models, both directions): each point's
+    rows for ours and the official form, timed, their peaks measured in fresh processes, their outputs
+    equal; the goals printed with verdicts; the figure drawn; and a budget below every estimate refuses
+    the official forms and only them."""
+    argv = ["--cases", "anyup", "naf", "--foundation", "40", "10", "8", "--ratios", "2", "4", "--foundation-extra",
+            "--threads", "1", "--quick"]
+    r = subprocess.run([sys.executable, "bench.py", *argv, "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "foundation.csv")))
+    assert list(rows[0]) == bench.FOUNDATION_FIELDS
+    assert sorted((x["case"], x["ratio"], x["direction"], x["backend"]) for x in rows) == sorted(
+        (m, r_, d, b) for m in ("anyup", "naf") for r_ in ("2", "4") for d in ("inference", "training")
+        for b in ("ours", "official"))
+    for x in rows:
+        assert x["status"].startswith("ok"), x
+        assert x["threads"] == "1" and x["out_h"] == x["out_w"] == str(10 * int(x["ratio"]))
+        assert 0 < float(x["ms"]) <= float(x["ms_median"]) <= float(x["ms_max"]) and int(x["reps"]) >= 3
+        assert float(x["ns_per_pixel"]) == pytest.approx(float(x["ms"]) * 1e6 / int(x["out_h"]) ** 2, rel=1e-3)
+        # the step's growth of the peak RSS: positive, and the process's peak is that growth over the RSS before
+        assert 0 < int(x["peak_bytes"]) < int(x["peak_total_bytes"])
+        assert int(x["peak_total_bytes"]) == int(x["rss_before_bytes"]) + int(x["peak_bytes"])
+        # both compute the same function in fp32; measured up to 1.5e-7
+        assert float(x["rel_err"]) < 1e-5
+        assert (x["estimate_bytes"] != "") == (x["backend"] == "official")
+    assert "(1) AnyUp at x16" in r.stdout and "(4) training at x16" in r.stdout
+    assert (tmp_path / "foundation.png").stat().st_size > 10_000
+    assert bench_plots.plot_all(str(tmp_path / "foundation.csv"), str(tmp_path / "again")) == [
+        str(tmp_path / "again" / "foundation.png")]
+
+    # every official estimate over the budget: no official child runs, ours still does
+    monkeypatch.setattr(bench, "BUDGET", bench.BUDGET)  # main sets it: restored after the test
+    bench.main(["--cases", "naf", "--foundation", "40", "10", "8", "--ratios", "2", "--foundation-extra", "--threads",
+                "1", "--quick", "--budget-gib", "1e-6", "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "r" / "foundation.csv")))
+    assert [(x["direction"], x["backend"]) for x in rows] == [("inference", "ours"), ("inference", "official"),
+                                                              ("training", "ours"), ("training", "official")]
+    for x in rows:
+        if x["backend"] == "official":
+            assert x["status"].startswith("refused: needs ~") and "(estimate)" in x["status"] and x["ms"] == ""
+        else:
+            assert x["status"].startswith("ok") and x["rel_err"] == "" and float(x["ms"]) > 0
+    assert out.count("official refused, needs ~") == 2
+
+
+def test_foundation_goals_and_figure_from_made_up_rows(tmp_path):
+    """The goals' verdicts follow the numbers (ours 4x faster at a tenth of the memory at AnyUp's x16,
+    NAF's time per pixel 2x apart across ratios, its official refused in training and judged against
+    its estimate), and the figure draws refused points."""
+    base = dict(device="CPU (test), 2 cores", torch="2.x", triton="3.x", date="2026-01-01", threads=2, cores=2,
+                dtype="fp32", B=1, C=384, image=448, h=28, w=28, reps=3, load_before=0.5, load_after=0.7, status="ok")
+    rows = []
+    for model in ("anyup", "naf"):
+        for r in (2, 4, 8, 16):
+            for d in ("inference", "training"):
+                px = (28 * r) ** 2
+                ns = 100.0 * (r if model == "naf" and r >= 8 else 1)  # naf: 8 and 16 twice 4's per pixel
+                for b, slow, mem in (("ours", 1, 1), ("official", 4, 10)):
+                    row = dict(base, case=model, backend=b, direction=d, ratio=r, out_h=28 * r, out_w=28 * r,
+                               ms=ns * slow * px / 1e6, ns_per_pixel=ns * slow, peak_bytes=mem * px * 100,
+                               estimate_bytes=mem * px * 100 if b == "official" else "")
+                    if model == "naf" and d == "training" and b == "official":
+                        row.update(ms="", ns_per_pixel="", peak_bytes="", status="refused: needs ~9 GiB (estimate)")
+                    rows.append(row)
+    rows.append(dict(base, case="anyup", backend="ours", direction="inference", image=512, h=32, w=32, ratio=64,
+                     out_h=2048, out_w=2048, ms=1e3, ns_per_pixel=238.4, peak_bytes=20 * 2 ** 30))
+    path = tmp_path / "foundation.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=bench.FOUNDATION_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    text = bench.foundation_goals(bench_plots.read(str(path)), 28)
+    lines = text.splitlines()
+    x16 = [ln for ln in lines if ln.startswith("    anyup x16")]
+    assert len(x16) == 3 and all("4.00x faster" in ln and "= 0.100 of the official's" in ln
+                                 and ln.count(": pass") == 2 for ln in x16)
+    assert any(ln.startswith("    anyup inference:") and "max/min 1.00" in ln and ln.endswith("pass") for ln in lines)
+    # naf's ratios 4, 8, 16: 100, 800, 1600 ns per pixel
+    assert any(ln.startswith("    naf inference:") and "max/min 16.00" in ln and ln.endswith("**miss**")
+               for ln in lines)
+    naf4 = next(ln for ln in lines if ln.startswith("    naf x16 training"))
+    assert "refused" in naf4 and "speed not measured" in naf4 and "against the estimate" in naf4
+    assert any("2048x2048 from 32x32: peak 20.00 GiB" in ln and ln.endswith("**miss**") for ln in lines)
+    assert bench_plots.plot_all(str(path), str(tmp_path)) == [str(tmp_path / "foundation.png")]
+    assert (tmp_path / "foundation.png").stat().st_size > 10_000
