@@ -663,12 +663,13 @@ def foundation_estimate(model: str, B: int, C: int, image: int, h: int, w: int, 
     return int(per_px * P * 4 + (3 if backward else 1) * D * P * 4 + enc)
 
 
-def foundation_points(harness, ratios, extra):
-    """(model, image side, feature side, C, output side, direction) of every point, the extra ones last."""
+def foundation_points(harness, ratios, extra, train_max=None):
+    """(model, image side, feature side, C, output side, direction) of every point, the extra ones last;
+    training up to the ratio train_max (all when None)."""
     image, feat, C = harness
     patch = image // feat
     pts = [(mdl, image, feat, C, feat * r, d) for mdl in FOUNDATION for r in ratios
-           for d in ("inference", "training")]
+           for d in ("inference", "training") if d == "inference" or train_max is None or r <= train_max]
     return pts + [(mdl, f * patch, f, C, side, "inference") for side, f in extra for mdl in FOUNDATION]
 
 
@@ -727,8 +728,9 @@ def foundation_point(spec: dict) -> dict:
     # native kernels) the tiny step above has
     outs = {b: step(fns[b], backward) for b in spec["impls"]} if spec.get("warm", True) else {}
     times = {b: [] for b in spec["impls"]}
-    start, n = time.perf_counter(), 0
-    while n < 3 or (n < 15 and time.perf_counter() - start < spec["budget_s"]):
+    # steps of many seconds: one timed step (the memory child ran one too, whose time its row keeps)
+    start, n, least = time.perf_counter(), 0, 3 if spec.get("warm", True) else 1
+    while n < least or (n < 15 and time.perf_counter() - start < spec["budget_s"]):
         n += 1
         for b in spec["impls"]:
             outs.pop(b, None)  # at 2048x2048 an output is 6 GiB: never two of one implementation at once
@@ -902,7 +904,7 @@ def foundation_goals(rows, harness_feat) -> str:
 
 
 def main_foundation(args, out):
-    points = foundation_points(args.foundation, args.ratios, args.foundation_extra)
+    points = foundation_points(args.foundation, args.ratios, args.foundation_extra, args.train_max)
     points = [p for p in points if p[0] in args.cases]
     if args.list:
         for model, image, feat, C, side, d in points:
@@ -967,6 +969,8 @@ def parse(argv=None):
     ap.add_argument("--foundation-extra", type=int, nargs="*", metavar="N", default=None,
                     help="anyup/naf: pairs OUT FEAT of extra inference points at the harness's C and patch "
                          "(default %s; none when given empty)" % " ".join(f"{a} {b}" for a, b in FOUNDATION_EXTRA))
+    ap.add_argument("--train-max", type=int, metavar="R", default=None,
+                    help="anyup/naf: training points only up to this ratio (default: every ratio)")
     ap.add_argument("--foundation-point", metavar="JSON", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", type=int, nargs="*", metavar="SIDE", default=None,
                     help=f"the cost against size: square outputs of these sides (default {' '.join(map(str, SIZES))}) "
