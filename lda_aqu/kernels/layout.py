@@ -1,6 +1,7 @@
 """The op's conventions that the kernels, the torch path, the checks, autotune and bench share: the
-accumulation dtype, the channel runs of one group and one head, the neighbour count K, the dtype names.
-Plain torch, no Triton: `import upsampler` stays free of it."""
+resolved call (Spec), the mode and window names, the accumulation dtype, the channel runs of one group
+and one head, the dtype names, the runtime's sample geometry. Plain torch, no Triton: `import
+lda_aqu.upsampler` stays free of it."""
 from __future__ import annotations
 
 import math
@@ -20,7 +21,6 @@ WINDOWS = {"centered": 0, "clamped": 1, "ratio": 2}
 # backward: every per-pair intermediate stays cache-sized, so the cost per output pixel does not grow
 # with the map (tests shrink it to cross chunk edges on tiny maps)
 CHUNK_PAIRS = 1 << 18
-
 
 
 class Spec(NamedTuple):

@@ -332,11 +332,11 @@ def _local_upsample(first, v, size, offset, q, k, rpb, logits, weights, kernel_s
         # the mean of the heads' weighted sums, each head over all of v: the heads' weights averaged
         out = None
         for h, (qh, kh) in enumerate(zip(q.chunk(nh, 1), k.chunk(nh, 1))):
-            term = _run(backend, v, size, spec._replace(NH=1), offset, qh, kh, None if rpb is None else rpb[h:h + 1],
+            term = _run(chosen, v, size, spec._replace(NH=1), offset, qh, kh, None if rpb is None else rpb[h:h + 1],
                         logits, weights, False)
             out = term if out is None else out.add_(term) if _inference(out) else out + term
         return out.div_(nh) if _inference(out) else out / nh
-    return _run(backend, v, size, spec, offset, q, k, rpb, logits, weights, average_heads and nh > 1)
+    return _run(chosen, v, size, spec, offset, q, k, rpb, logits, weights, average_heads and nh > 1)
 
 
 def _inference(t: torch.Tensor) -> bool:
@@ -358,9 +358,9 @@ def empty_output(shape, *inputs) -> torch.Tensor:
     return tied.to(inputs[0].dtype).expand(shape).contiguous()
 
 
-def _run(backend, v, size, spec: Spec, offset, q, k, rpb, logits, weights, average_heads):
-    """The chosen backend's output for a resolved call (the reference derives its own geometry)."""
-    chosen = select_backend(backend, v)
+def _run(chosen, v, size, spec: Spec, offset, q, k, rpb, logits, weights, average_heads):
+    """The output of the backend select_backend chose, for a resolved call (the reference derives its own
+    geometry)."""
     if chosen == "reference":
         return local_upsample_ref(v, size, offset=offset, q=q, k=k, rpb=rpb, logits=logits, weights=weights,
                                   kernel_size=None if spec.window == "ratio" else spec.grid or None, num_groups=spec.G,
